@@ -1,0 +1,95 @@
+"""Everything that knows about ranks, process groups and launcher environment variables."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("subzero_ds")
+
+# Set by torchrun/deepspeed (RANK), Open MPI, MPICH/Intel MPI (PMI_RANK) and slurm.
+_LAUNCHER_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def get_world_size_and_rank() -> tuple[int, int]:
+    """(world size, global rank), or (1, 0) when no process group exists."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and without a process group)."""
+    return get_world_size_and_rank()[1] == 0
+
+
+def init_distributed() -> None:
+    """Start the process group the way the launcher asks (deepspeed, mpirun, slurm, or none).
+
+    A plain ``python`` process (no launcher variables) becomes a 1-rank group on a free local
+    port, so it never collides with another job's default port 29500.
+    """
+    if dist.is_initialized():
+        return
+    if not any(v in os.environ for v in _LAUNCHER_RANK_VARIABLES):
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def shutdown() -> None:
+    """Tear the process group down (call at the very end of a training script)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(*values: float) -> list[float]:
+    """Average scalars over all ranks in one all-reduce (the only collective a ZO step adds)."""
+    world_size, _ = get_world_size_and_rank()
+    packed = torch.tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        packed /= world_size
+    return packed.tolist()
+
+
+def disagreements(values: Mapping[str, int]) -> list[str]:
+    """Names of the integer ``values`` that are not the same on every rank."""
+    world_size, _ = get_world_size_and_rank()
+    if world_size == 1:
+        return []
+    packed = torch.tensor(list(values.values()), dtype=torch.int64)
+    low, high = packed.clone(), packed.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return [name for name, lo, hi in zip(values, low.tolist(), high.tolist()) if lo != hi]
+
+
+def log(message: str, *, all_ranks: bool = False) -> None:
+    """Log ``message`` on rank 0 (or on every rank, prefixed with its rank)."""
+    world_size, rank = get_world_size_and_rank()
+    if all_ranks:
+        logger.info(f"[rank {rank}/{world_size}] {message}")
+    elif rank == 0:
+        logger.info(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

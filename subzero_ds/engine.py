@@ -1,0 +1,148 @@
+"""SubZeroEngine: zeroth-order training steps around a DeepSpeed (ZeRO-0/3) engine."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .config import SubZeroConfig
+from .distributed import log, mean_over_ranks
+from .export import save_hf_weights
+from .optimizer import ZOOptimizer
+from .shards import ParamShard, is_partitioned
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one ZO step measured (losses averaged over data-parallel ranks).
+
+    Attributes:
+        step: index of the step just taken (0 for the first).
+        loss_pos: L(θ + εD) on the batch.
+        loss_neg: L(θ − εD) on the batch.
+        projected_grad: g = (loss_pos − loss_neg) / (2ε), the same on every rank.
+        lr: the learning rate the update used.
+        skipped: True if a loss was not finite and the weights were left exactly as before.
+    """
+
+    step: int
+    loss_pos: float
+    loss_neg: float
+    projected_grad: float
+    lr: float
+    skipped: bool = False
+
+    @property
+    def loss(self) -> float:
+        """The two-point loss estimate (ℓ+ + ℓ−) / 2."""
+        return (self.loss_pos + self.loss_neg) / 2
+
+
+class SubZeroEngine:
+    """Zeroth-order fine-tuning of a DeepSpeed-wrapped model. Build it with :func:`subzero_ds.initialize`.
+
+    Each rank perturbs and updates only its own shard of every trainable parameter; the only
+    collective the optimizer adds is one all-reduce of (ℓ+, ℓ−) per step.
+
+    Args:
+        ds_engine: the DeepSpeed engine wrapping the model (no DeepSpeed optimizer).
+        config: the validated ``"subzero"`` settings.
+        optimizer: the ZO optimizer over this rank's shards.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: ``model(**batch).loss``.
+    """
+
+    def __init__(
+        self, ds_engine: Any, config: SubZeroConfig, optimizer: ZOOptimizer, loss_fn: LossFn | None = None
+    ) -> None:
+        self.ds_engine = ds_engine
+        self.config = config
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn or _model_loss
+        self.global_step = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped model (parameters partitioned under ZeRO-3)."""
+        return self.ds_engine.module
+
+    @property
+    def shards(self) -> list[ParamShard]:
+        """This rank's shards of the trainable parameters."""
+        return self.optimizer.shards
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the next step."""
+        return self.config.lr
+
+    def step(self, batch: Batch) -> StepResult:
+        """One ZO step on this rank's micro-batch ``batch``: two forward passes and one update.
+
+        Returns:
+            The step's :class:`StepResult`. A non-finite loss skips the update (weights unchanged).
+        """
+        step, lr, eps = self.global_step, self.lr, self.config.eps
+        self.optimizer.save_()
+        self._perturb(step, +1.0)
+        loss_pos = self._loss(batch)
+        self._perturb(step, -1.0)
+        loss_neg = self._loss(batch)
+        # Sync point: every rank needs the same g to apply the same update to its shard.
+        loss_pos, loss_neg = mean_over_ranks(loss_pos, loss_neg)
+        projected_grad = (loss_pos - loss_neg) / (2 * eps)
+        skipped = not math.isfinite(projected_grad)
+        if skipped:
+            self.optimizer.restore_()
+            log(f"step {step}: non-finite loss (ℓ+={loss_pos}, ℓ−={loss_neg}); update skipped, weights unchanged")
+        else:
+            self.optimizer.update_(step, projected_grad, lr)
+        self._release_stale_copies()
+        self.global_step += 1
+        return StepResult(step, loss_pos, loss_neg, projected_grad, lr, skipped)
+
+    def evaluate(self, batch: Batch) -> float:
+        """Forward-only loss on this rank's ``batch``, averaged over data-parallel ranks."""
+        (loss,) = mean_over_ranks(self._loss(batch))
+        return loss
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write full Hugging Face weights to ``path`` (gathered; rank 0 writes). Call on every rank."""
+        save_hf_weights(self.module, path)
+
+    def _perturb(self, step: int, sign: float) -> None:
+        self.optimizer.perturb_(step, sign)
+        self._release_stale_copies()
+
+    def _loss(self, batch: Batch) -> float:
+        self.module.eval()  # dropout off: both passes must see the same function
+        with torch.no_grad():
+            loss = self.loss_fn(self.module, batch)
+        return float(loss.detach().float())
+
+    def _release_stale_copies(self) -> None:
+        """Drop gathered copies of edited ZeRO-3 parameters so the next forward sees the edit.
+
+        DeepSpeed keeps small ("persistent") parameters gathered between forwards; the optimizer
+        edits the shards, so those gathered copies are stale and must be released.
+        """
+        if any(is_partitioned(s.param) and s.param.ds_status.name != "NOT_AVAILABLE" for s in self.shards):
+            self.ds_engine.optimizer.empty_partition_cache()
+
+
+def _model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    output = model(**batch, **no_cache)
+    if getattr(output, "loss", None) is None:
+        raise ValueError(
+            "the model returned no loss for this batch: include `labels` in the batch, or pass "
+            "`loss_fn(model, batch) -> Tensor` to subzero_ds.initialize."
+        )
+    return output.loss

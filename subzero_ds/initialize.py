@@ -1,0 +1,80 @@
+"""``subzero_ds.initialize``: the DeepSpeed-style entry point that builds a SubZeroEngine."""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+from typing import Any, Mapping
+
+import deepspeed
+from torch import nn
+
+from .config import ConfigError, Reshape, deepspeed_section, load_ds_config, parse_config, zero_stage
+from .distributed import disagreements, init_distributed, log
+from .engine import LossFn, SubZeroEngine
+from .optimizer import ZOOptimizer, make_direction
+from .perturbation import stable_seed
+from .shards import collect_shards
+
+
+def initialize(
+    model: nn.Module,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    args: Namespace | None = None,
+    loss_fn: LossFn | None = None,
+) -> SubZeroEngine:
+    """Wrap ``model`` in DeepSpeed (ZeRO-0 or ZeRO-3, no DeepSpeed optimizer) for ZO training.
+
+    Args:
+        model: the model to fine-tune; parameters with ``requires_grad`` are trained.
+        config: a DeepSpeed JSON config (path or dict) with a ``"subzero"`` section.
+        args: alternatively, an argparse namespace from ``deepspeed.add_config_arguments``
+            (its ``deepspeed_config`` is used when ``config`` is None).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: ``model(**batch).loss``.
+
+    Returns:
+        The :class:`SubZeroEngine`.
+
+    Raises:
+        ConfigError: bad or missing config (every problem listed), no trainable parameter, or
+            ranks that disagree on the run seed or the config.
+    """
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if config is None:
+        raise ConfigError(
+            "no DeepSpeed config given: pass `config=` (a JSON path or dict with a \"subzero\" section) "
+            "or an args namespace with `--deepspeed_config`."
+        )
+    source = "the DeepSpeed config dict" if isinstance(config, Mapping) else repr(os.fspath(config))
+    ds_config = load_ds_config(config)
+    settings = parse_config(ds_config, source)
+
+    init_distributed()
+    fingerprint = stable_seed(json.dumps(ds_config, sort_keys=True, default=str))
+    differing = disagreements({"subzero.seed": settings.seed, "config": fingerprint})
+    if differing:
+        raise ConfigError(
+            f"ranks disagree on {', '.join(differing)}: every rank must use the same run seed and the same "
+            "DeepSpeed config, or their directions differ and training is silently wrong. Pass the same "
+            "config file (and seed) to every rank."
+        )
+
+    ds_config = deepspeed_section(ds_config)
+    if "train_batch_size" not in ds_config and "train_micro_batch_size_per_gpu" not in ds_config:
+        ds_config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed insists; a ZO step takes any batch
+    ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+
+    shards = collect_shards(ds_engine.module)
+    if not shards:
+        raise ConfigError("the model has no parameter with requires_grad=True: there is nothing to train.")
+    frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
+    reshape = settings.reshape is Reshape.ALWAYS or (settings.reshape is Reshape.AUTO and frozen)
+    optimizer = ZOOptimizer(shards, make_direction(settings, reshape), settings.eps, settings.weight_decay)
+    trainable = sum(s.numel for s in shards)
+    log(
+        f"subzero_ds: {settings.method.value} on {len(shards)} trainable tensors ({trainable:,} elements), "
+        f"ZeRO stage {zero_stage(ds_config)}, lr={settings.lr:g}, eps={settings.eps:g}, reshape={reshape}"
+    )
+    return SubZeroEngine(ds_engine, settings, optimizer, loss_fn)

@@ -1,0 +1,146 @@
+"""Zeroth-order optimizers over parameter shards.
+
+A ZO method is one thing: how it draws the direction D_t of a parameter, slice by slice
+(:class:`Direction`). :class:`ZOOptimizer` does the rest for every method: perturb the shards,
+restore them exactly, and apply θ ← θ − η·(g·D_t + λ·θ), each rank on its own shards only.
+
+Exact restore: before perturbing, the optimizer copies this rank's trainable shard into a
+backup of the same dtype; θ ± εD are computed from the backup in fp32 and the update is written
+from it, so a step with lr = 0 leaves every parameter bit-identical (no +ε, −2ε, +ε drift).
+Extra memory: one copy of this rank's trainable shard in the parameter dtype (full fine-tuning:
+model bytes / world size; PEFT: the adapter only), plus one fp32 chunk of the direction at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Callable, Iterator
+
+import torch
+
+from .config import Method, SubZeroConfig
+from .perturbation import Chunk, Subspace, draw_core, draw_subspace, gaussian_chunks, lowrank_chunks
+from .perturbation import near_square_shape
+from .shards import ParamShard
+
+
+class Direction(ABC):
+    """How a ZO method draws D_t; a pure function of (seed, step, name, shape, position)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    @abstractmethod
+    def chunks(self, name: str, shape: tuple[int, ...], step: int, start: int, end: int) -> Iterator[Chunk]:
+        """fp32 pieces of D_step for ``name`` that tile the flat range [start, end)."""
+
+    def gaussian(self, name: str, shape: tuple[int, ...], step: int, start: int, end: int) -> Iterator[Chunk]:
+        numel = math.prod(shape)
+        return gaussian_chunks((self.seed, "gaussian", step, name, shape), numel, start, end)
+
+
+class GaussianDirection(Direction):
+    """MeZO: every element an independent N(0, 1)."""
+
+    def chunks(self, name, shape, step, start, end):
+        return self.gaussian(name, shape, step, start, end)
+
+
+class SubspaceDirection(Direction):
+    """SubZero: D_t = μ·U·Z_t·Vᵀ with U, V redrawn once per window of ``interval`` steps.
+
+    Non-matrix parameters (biases, norm weights) use the Gaussian direction.
+
+    Args:
+        seed: the run seed.
+        rank: subspace rank r (capped at min(m, n)).
+        interval: window length F; the subspace of step t belongs to window t // F.
+        reshape: view each matrix as its near-square factor pair before building U, V.
+    """
+
+    def __init__(self, seed: int, rank: int, interval: int, reshape: bool) -> None:
+        super().__init__(seed)
+        self.rank, self.interval, self.reshape = rank, interval, reshape
+        self._cache: dict[str, tuple[int, Subspace]] = {}  # name -> (window, subspace)
+
+    def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The m×n the subspace is built for: the matrix itself, or its near-square view."""
+        return near_square_shape(*shape) if self.reshape else (shape[0], shape[1])
+
+    def subspace(self, name: str, shape: tuple[int, ...], step: int) -> Subspace:
+        """U, V of ``name`` for the window holding ``step`` (drawn once per window, then cached)."""
+        window = step // self.interval
+        cached = self._cache.get(name)
+        if cached is None or cached[0] != window:
+            rows, cols = self.matrix_shape(shape)
+            rank = min(self.rank, rows, cols)
+            key = (self.seed, "subspace", window, name, shape, rows, cols, rank)
+            cached = (window, draw_subspace(key, rows, cols, rank))
+            self._cache[name] = cached
+        return cached[1]
+
+    def chunks(self, name, shape, step, start, end):
+        if len(shape) != 2:
+            return self.gaussian(name, shape, step, start, end)
+        subspace = self.subspace(name, shape, step)
+        rank = subspace.u.shape[1]
+        core = draw_core((self.seed, "core", step, name, shape), rank)
+        scale = math.sqrt(math.prod(shape)) / rank  # μ: E‖D‖² = m·n, as for a full Gaussian
+        return lowrank_chunks(subspace, core, scale, start, end)
+
+
+def make_direction(config: SubZeroConfig, reshape: bool) -> Direction:
+    """The direction generator the config asks for."""
+    if config.method is Method.MEZO:
+        return GaussianDirection(config.seed)
+    return SubspaceDirection(config.seed, config.rank, config.subspace_interval, reshape)
+
+
+class ZOOptimizer:
+    """Perturbs, restores and updates this rank's shards of the trainable parameters.
+
+    Args:
+        shards: this rank's trainable shards.
+        direction: the ZO method's direction generator.
+        eps: perturbation scale ε.
+        weight_decay: λ, applied to matrices only.
+    """
+
+    def __init__(self, shards: list[ParamShard], direction: Direction, eps: float, weight_decay: float) -> None:
+        self.shards, self.direction = shards, direction
+        self.eps, self.weight_decay = eps, weight_decay
+        self._backups = [torch.empty_like(shard.local()) for shard in shards]
+
+    def save_(self) -> None:
+        """Copy the current shards into the backup (the θ every later write starts from)."""
+        for shard, backup in zip(self.shards, self._backups):
+            backup.copy_(shard.local())
+
+    def perturb_(self, step: int, sign: float) -> None:
+        """Set each shard to θ + sign·ε·D_step (θ from the backup, so signs can be taken in any order)."""
+        scale = sign * self.eps
+        self._write_(step, lambda theta, d, shard: theta.add_(d, alpha=scale))
+
+    def restore_(self) -> None:
+        """Put back exactly the θ saved by :meth:`save_`."""
+        for shard, backup in zip(self.shards, self._backups):
+            shard.local().copy_(backup)
+
+    def update_(self, step: int, projected_grad: float, lr: float) -> None:
+        """θ ← θ − lr·(g·D_step + λ·θ), written from the backup."""
+
+        def sgd(theta: torch.Tensor, d: torch.Tensor, shard: ParamShard) -> torch.Tensor:
+            decay = self.weight_decay if shard.is_matrix else 0.0
+            return theta.mul_(1.0 - lr * decay).sub_(d, alpha=lr * projected_grad)
+
+        self._write_(step, sgd)
+
+    def _write_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor]) -> None:
+        with torch.no_grad():
+            for shard, backup in zip(self.shards, self._backups):
+                local = shard.local()
+                for lo, d in self.direction.chunks(shard.name, shard.shape, step, shard.start, shard.end):
+                    piece = slice(lo - shard.start, lo - shard.start + d.numel())
+                    theta = backup[piece].to(torch.float32, copy=True)
+                    local[piece] = combine(theta, d, shard)
