@@ -139,7 +139,7 @@ def _describe(err: Mapping[str, Any]) -> str:
         return f"`{key}` is not a known setting (got {err['input']!r}). Remove it; known settings: {known}."
     field = SubZeroConfig.model_fields.get(str(err["loc"][0]))
     fix = field.description if field is not None else ""
-    return f"`{key}`: {err['msg'].lower()}, got {err['input']!r}. Fix: {fix}"
+    return f"`{key}`: {err['msg'].lower()}, got {err['input']!r}. Expected: {fix}"
 
 
 def _deepspeed_problems(ds_config: Mapping[str, Any]) -> list[str]:

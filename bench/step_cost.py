@@ -1,0 +1,485 @@
+"""Cost of one zeroth-order step against its limit, two plain forward passes (2-rank ZeRO-3, CPU).
+
+Run from the repository root (2 ranks, ZeRO-3, DeepSpeed picks its CPU accelerator and gloo):
+
+    deepspeed --num_gpus 2 bench/step_cost.py
+
+Options: ``--dtype fp32 bf16``, ``--method subzero mezo``, ``--batch-size 8``, ``--seq-len 128``,
+``--steps 3``, ``--warmup 1``, ``--threads N`` (per rank), ``--output bench/results/step_cost.md``.
+The default batch is 8 × 128 tokens per rank, not 16 × 128: on 2 CPU cores a 16-row batch makes
+the whole benchmark take about 15 minutes instead of about 8 (``--batch-size 16`` gives it back).
+
+What it measures, for every (dtype, method) pair, on an OPT-shaped model of 125M parameters
+(hidden 768, 12 layers, 12 heads, ffn 3072, vocab 50272) with random weights, partitioned by
+ZeRO-3 as it is created (never whole on a rank), SDPA attention, no KV cache:
+
+- **step s**: the median time of one ``engine.step(batch)`` (save a backup of the shard, perturb +,
+  forward, perturb −, forward, all-reduce of the two losses, update, cache release);
+- **2×forward s**: the median time of two plain ``engine.module(**batch)`` calls under
+  ``torch.no_grad()`` on the same engine, model and batch: the floor for any two-point ZO method;
+- **ratio**: step / 2×forward (target for SubZero: ≤ 1.15);
+- **peak RSS** per rank, and the part of it above the RSS right after the imports.
+
+Step and forward measurements alternate (step first on even iterations, forwards first on odd
+ones), so drift hits both alike. Each timing starts after a barrier; an iteration counts as
+the slower of the two ranks. A second table splits the step into its phases (rank 0) and times
+one pass of direction generation alone over this rank's shards (no write).
+
+Every (dtype, method) pair runs in a fresh pair of worker processes (one per rank, started by
+the launched processes), so its peak RSS covers only its own life: imports, model creation,
+``subzero_ds.initialize``, warm-up and the measured iterations, and no earlier configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from subzero_ds.distributed import get_world_size_and_rank, init_distributed, log
+
+RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+METHODS = ("subzero", "mezo")
+TARGET_RATIO = 1.15
+Batch = dict[str, torch.Tensor]
+
+# The step's phases, in the order the breakdown table lists them.
+PHASES = ("forward ×2", "backup copy", "perturb ×2", "update", "cache release")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options (the deepspeed launcher adds ``--local_rank``, accepted and ignored)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per rank (default 8, see module doc)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
+    parser.add_argument("--steps", type=int, default=3, help="measured iterations per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
+    parser.add_argument("--rank", type=int, default=24, help="SubZero subspace rank r")
+    parser.add_argument("--output", type=Path, default=Path("bench/results/step_cost.md"))
+    parser.add_argument("--config-timeout", type=float, default=1800.0, help="seconds before a worker is killed")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 2:
+        parser.error("need --steps >= 1, --warmup >= 0, --batch-size >= 1 and --seq-len >= 2")
+    if args.threads <= 0:
+        local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        args.threads = max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one (dtype, method) configuration on this rank, in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerResult:
+    """What one rank measured for one configuration (written as JSON for the launched process)."""
+
+    rank: int
+    param_dtype: str
+    total_params: int
+    step_s: list[float] = field(default_factory=list)
+    forward2_s: list[float] = field(default_factory=list)
+    phases_s: list[dict[str, float]] = field(default_factory=list)
+    direction_s: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    rss_after_imports_mib: float = RSS_AFTER_IMPORTS_MIB
+    peak_rss_mib: float = 0.0
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase of the calls it wraps."""
+
+    def __init__(self) -> None:
+        self._totals: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with its wall time added to phase ``name`` on every call."""
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._totals[name] += time.perf_counter() - start
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        """The totals since the last call, then reset."""
+        totals = {name: self._totals.get(name, 0.0) for name in PHASES}
+        self._totals.clear()
+        return totals
+
+
+def ds_config(dtype: str, method: str, batch_size: int, rank: int) -> dict[str, Any]:
+    """The DeepSpeed config (ZeRO-3, no optimizer) with its ``"subzero"`` section."""
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 1 << 30,
+        "subzero": {"method": method, "lr": 1e-7, "eps": 1e-3, "rank": rank, "subspace_interval": 1000, "seed": 0},
+    }
+
+
+def opt_125m_config() -> Any:
+    """OPT-125M's shape (random weights are drawn later); no KV cache, SDPA attention."""
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+        max_position_embeddings=2048, word_embed_proj_dim=768, use_cache=False,
+    )
+
+
+def build_engine(args: argparse.Namespace, dtype: str, method: str, timer: PhaseTimer) -> Any:
+    """Create the model partitioned by ZeRO-3 at construction and wrap it in a SubZeroEngine.
+
+    The forward passes inside ``engine.step`` and the optimizer's and DeepSpeed's public
+    methods the step calls are wrapped by ``timer``, so the step can be split into phases.
+    """
+    from transformers import OPTForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import subzero_ds
+
+    config = ds_config(dtype, method, args.batch_size, args.rank)
+    hf_ds_config = HfDeepSpeedConfig(config)  # must be alive while the model is created: ZeRO-3 init
+    model = OPTForCausalLM._from_config(opt_125m_config(), dtype=DTYPES[dtype], attn_implementation="sdpa")
+    model.eval()
+
+    def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    engine = subzero_ds.initialize(model=model, config=config, loss_fn=timer.wrap("forward ×2", loss_fn))
+    del hf_ds_config
+    optimizer = engine.optimizer
+    optimizer.save_ = timer.wrap("backup copy", optimizer.save_)
+    optimizer.perturb_ = timer.wrap("perturb ×2", optimizer.perturb_)
+    optimizer.update_ = timer.wrap("update", optimizer.update_)
+    zero = engine.ds_engine.optimizer
+    zero.empty_partition_cache = timer.wrap("cache release", zero.empty_partition_cache)
+    return engine
+
+
+def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int) -> Batch:
+    """Random token ids (this rank's micro-batch), full attention mask, labels = inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch_size, seq_len), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def two_forwards(model: torch.nn.Module, batch: Batch) -> None:
+    """The limit of a two-point ZO step: two plain forward passes, no perturbation, no update."""
+    with torch.no_grad():
+        for _ in range(2):
+            float(model(**batch).loss)
+
+
+def direction_pass(engine: Any) -> None:
+    """Generate (and drop) this rank's slice of the current direction once, for every shard."""
+    direction, step = engine.optimizer.direction, engine.global_step
+    for shard in engine.shards:
+        for _ in direction.chunks(shard.name, shard.shape, step, shard.start, shard.end):
+            pass
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds ``fn`` takes on this rank, started right after a barrier so ranks start together."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(engine: Any, batch: Batch, args: argparse.Namespace, timer: PhaseTimer, result: WorkerResult) -> None:
+    """Warm up, then alternate steps and plain forward pairs, recording every timing."""
+    for iteration in range(args.warmup + args.steps):
+        step_s = forward2_s = 0.0
+
+        def run_step() -> None:
+            nonlocal step_s
+            step_s = timed(lambda: result.losses.append(engine.step(batch).loss))
+
+        def run_forwards() -> None:
+            nonlocal forward2_s
+            forward2_s = timed(lambda: two_forwards(engine.module, batch))
+
+        timer.take()
+        for run in (run_step, run_forwards) if iteration % 2 == 0 else (run_forwards, run_step):
+            run()
+        phases = timer.take()
+        if iteration < args.warmup:
+            continue
+        result.step_s.append(step_s)
+        result.forward2_s.append(forward2_s)
+        result.phases_s.append(phases)
+        result.direction_s.append(timed(lambda: direction_pass(engine)))
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Measure one configuration on this rank and write a :class:`WorkerResult` to ``--result``."""
+    (dtype,), (method,) = args.dtype, args.method
+    torch.set_num_threads(args.threads)
+    init_distributed()
+    _, rank = get_world_size_and_rank()
+    timer = PhaseTimer()
+    engine = build_engine(args, dtype, method, timer)
+    params = list(engine.module.parameters())
+    result = WorkerResult(
+        rank=rank,
+        param_dtype=str(params[0].ds_tensor.dtype).removeprefix("torch."),
+        total_params=sum(int(p.ds_numel) for p in params),
+    )
+    batch = random_batch(args.batch_size, args.seq_len, engine.module.config.vocab_size, seed=rank)
+    measure(engine, batch, args, timer, result)
+    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    args.result.write_text(json.dumps(asdict(result)))
+    exit_cleanly(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launched process: one per rank; starts the workers, gathers results, rank 0 writes the table
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the workers' process group)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def worker_command(args: argparse.Namespace, dtype: str, method: str, result: Path) -> list[str]:
+    """The command line of this rank's worker for one configuration."""
+    return [
+        sys.executable, os.path.abspath(__file__), "--worker", "--result", str(result),
+        "--dtype", dtype, "--method", method, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+        "--rank", str(args.rank),
+    ]  # fmt: skip
+
+
+def run_configuration(args: argparse.Namespace, dtype: str, method: str) -> list[dict[str, Any]] | None:
+    """Run one configuration in fresh worker processes (one per rank) and gather their results.
+
+    Returns:
+        Every rank's :class:`WorkerResult` as a dict on rank 0 (None elsewhere).
+
+    Raises:
+        RuntimeError: a worker failed or timed out on some rank.
+    """
+    port = broadcast(free_port() if dist.get_rank() == 0 else None)
+    env = {**os.environ, "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        try:
+            completed = subprocess.run(worker_command(args, dtype, method, result_path), env=env, timeout=args.config_timeout)
+            failure = None if completed.returncode == 0 else f"exit status {completed.returncode}"
+        except subprocess.TimeoutExpired:
+            failure = f"no result after {args.config_timeout:.0f} s"
+        result = json.loads(result_path.read_text()) if failure is None else {"failure": failure}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    failures = [f"rank {rank}: {r['failure']}" for rank, r in enumerate(gathered) if "failure" in r]
+    if failures:
+        raise RuntimeError(f"the {dtype}/{method} worker failed ({'; '.join(failures)}); see its log above")
+    return gathered if dist.get_rank() == 0 else None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration's summary across ranks."""
+
+    dtype: str
+    method: str
+    param_dtype: str
+    total_params: int
+    step_s: float
+    forward2_s: float
+    step_spread: tuple[float, float]
+    forward2_spread: tuple[float, float]
+    phases_s: dict[str, float]
+    direction_s: float
+    peak_rss_mib: list[float]
+    above_imports_mib: list[float]
+
+    @property
+    def ratio(self) -> float:
+        """Step time over the two-forward limit."""
+        return self.step_s / self.forward2_s
+
+
+def summarize(dtype: str, method: str, ranks: list[dict[str, Any]]) -> Row:
+    """Medians over iterations of the slower rank per iteration; phases from rank 0."""
+    step = [max(values) for values in zip(*(r["step_s"] for r in ranks))]
+    forward2 = [max(values) for values in zip(*(r["forward2_s"] for r in ranks))]
+    rank0 = ranks[0]
+    phases = {name: statistics.median(p[name] for p in rank0["phases_s"]) for name in PHASES}
+    return Row(
+        dtype=dtype,
+        method=method,
+        param_dtype=rank0["param_dtype"],
+        total_params=rank0["total_params"],
+        step_s=statistics.median(step),
+        forward2_s=statistics.median(forward2),
+        step_spread=(min(step), max(step)),
+        forward2_spread=(min(forward2), max(forward2)),
+        phases_s=phases,
+        direction_s=statistics.median(rank0["direction_s"]),
+        peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
+        above_imports_mib=[r["peak_rss_mib"] - r["rss_after_imports_mib"] for r in ranks],
+    )
+
+
+def per_rank(values: list[float]) -> str:
+    """MiB values of every rank, "r0 / r1 / …"."""
+    return " / ".join(f"{v:,.0f}" for v in values)
+
+
+def command_line(world_size: int) -> str:
+    """The launcher command that reproduces this run (the launcher's own ``--local_rank`` left out)."""
+    options = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    return " ".join(["deepspeed", "--num_gpus", str(world_size), "bench/step_cost.py", *options])
+
+
+def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, wall_s: float) -> str:
+    """The results as Markdown: the main table, the phase breakdown and how they were measured."""
+    verdicts = [f"{r.dtype} {r.ratio:.3f}× ({'met' if r.ratio <= TARGET_RATIO else 'missed'})" for r in rows if r.method == "subzero"]
+    lines = [
+        "# ZO step cost vs. two plain forward passes",
+        "",
+        f"Command: `{command_line(world_size)}`",
+        f"Model: OPT-125M shape ({rows[0].total_params / 1e6:.1f}M parameters, random weights), ZeRO-3 over "
+        f"{world_size} ranks, CPU + gloo, {args.threads} torch thread(s) per rank, SDPA, no KV cache. "
+        f"Batch {args.batch_size} × {args.seq_len} tokens per rank. {args.warmup} warm-up + {args.steps} measured "
+        f"iterations; step and 2×forward interleaved, each timed after a barrier; per iteration the slower rank; "
+        f"median over iterations (min–max in brackets). Wall time {wall_s / 60:.1f} min.",
+        "",
+        "| dtype | method | step s | 2×forward s | ratio | peak RSS MiB per rank | above imports MiB per rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.dtype} | {r.method} | {r.step_s:.2f} [{r.step_spread[0]:.2f}–{r.step_spread[1]:.2f}] "
+            f"| {r.forward2_s:.2f} [{r.forward2_spread[0]:.2f}–{r.forward2_spread[1]:.2f}] | {r.ratio:.3f} "
+            f"| {per_rank(r.peak_rss_mib)} | {per_rank(r.above_imports_mib)} |"
+        )
+    lines += [
+        "",
+        f"Target: SubZero ≤ {TARGET_RATIO}× the two-forward limit: {', '.join(verdicts) or 'SubZero not run'}.",
+        "Peak RSS (`ru_maxrss`) covers the whole life of a fresh worker process per configuration: imports, "
+        "model creation (partitioned at construction), `subzero_ds.initialize`, warm-up and every measured "
+        "step and forward pair. 'Above imports' subtracts the RSS right after the imports.",
+        "",
+        "## Where the step time goes (rank 0, median seconds per step)",
+        "",
+        "| dtype | method | step | " + " | ".join(PHASES) + " | other | direction generation, one pass |",
+        "|---|---|---|" + "---|" * (len(PHASES) + 2),
+    ]
+    for r in rows:
+        other = r.step_s - sum(r.phases_s.values())
+        phases = " | ".join(f"{r.phases_s[name]:.3f}" for name in PHASES)
+        lines.append(f"| {r.dtype} | {r.method} | {r.step_s:.2f} | {phases} | {other:.3f} | {r.direction_s:.3f} |")
+    lines += [
+        "",
+        "'forward ×2' are the two loss forwards inside the step; 'perturb ×2' and 'update' each regenerate the "
+        "direction and write the shard from the backup; 'cache release' is `empty_partition_cache` (called after each "
+        "write); 'other' is the rest, mostly the loss all-reduce and waiting for the slower rank (the step column is "
+        "the slower rank's time). 'Direction generation, one pass' times generating this rank's slice of D_t alone, "
+        "once, without writing it: perturb and update each do it once.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_launched(args: argparse.Namespace) -> None:
+    """Run every configuration, then rank 0 prints the report and writes it to ``--output``."""
+    init_distributed()
+    started = time.perf_counter()
+    rows = []
+    for dtype in args.dtype:
+        for method in args.method:
+            log(f"step_cost: {dtype}/{method} on {dist.get_world_size()} ranks, batch {args.batch_size}×{args.seq_len}")
+            gathered = run_configuration(args, dtype, method)
+            if gathered is not None:
+                rows.append(summarize(dtype, method, gathered))
+    if dist.get_rank() == 0:
+        report = markdown_report(rows, args, dist.get_world_size(), time.perf_counter() - started)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report)
+        print(report, flush=True)
+        log(f"step_cost: report written to {args.output}")
+
+
+def exit_cleanly(status: int) -> None:
+    """Barrier, tear the process group down, and leave without interpreter teardown.
+
+    A 2-rank ZeRO-3 process sometimes aborts at interpreter exit ("terminate called without an
+    active exception"); ``os._exit`` right after ``destroy_process_group`` avoids it.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def main() -> None:
+    """Entry point of the launched process and of the workers it starts."""
+    args = parse_args()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("subzero_ds").addHandler(handler)
+    logging.getLogger("subzero_ds").setLevel(logging.INFO)
+    if args.worker:
+        run_worker(args)
+    try:
+        run_launched(args)
+    except RuntimeError as error:
+        log(str(error), all_ranks=True)
+        exit_cleanly(1)
+    exit_cleanly(0)
+
+
+if __name__ == "__main__":
+    main()

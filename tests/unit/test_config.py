@@ -1,0 +1,82 @@
+"""The "subzero" section: defaults, strict validation, all problems reported at once."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from subzero_ds.config import ConfigError, Method, Reshape, load_ds_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+def test_defaults_fill_an_empty_section():
+    settings = parse_config({"zero_optimization": {"stage": 3}, "subzero": {}})
+    assert settings.method is Method.SUBZERO and settings.reshape is Reshape.AUTO
+    assert (settings.eps, settings.rank, settings.subspace_interval, settings.seed) == (1e-3, 24, 1000, 0)
+
+
+def test_valid_section_is_parsed():
+    settings = parse_config({"subzero": {"method": "mezo", "lr": 1e-5, "eps": 1e-2, "weight_decay": 0.1, "reshape": "never", "seed": 7}})
+    assert settings.method is Method.MEZO and settings.reshape is Reshape.NEVER
+    assert (settings.lr, settings.eps, settings.weight_decay, settings.seed) == (1e-5, 1e-2, 0.1, 7)
+
+
+def test_every_problem_is_reported_at_once_with_key_value_and_fix():
+    bad = {
+        "optimizer": {"type": "AdamW"},
+        "zero_optimization": {"stage": 2},
+        "subzero": {"method": "sgd", "lr": "1e-5", "eps": -1, "rnak": 8, "subspace_interval": 0},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, "my.json")
+    message = str(caught.value)
+    assert "my.json" in message
+    for fragment in ["`subzero.method`", "'sgd'", "`subzero.lr`", "'1e-5'", "`subzero.eps`", "-1",
+                     "`subzero.rnak`", "known settings", "`subzero.subspace_interval`",
+                     "`optimizer`", "Remove the `optimizer` block", "`zero_optimization.stage` is 2", "Use 3"]:
+        assert fragment in message, fragment
+    assert message.count("\n  - ") == 7
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"rank": 2.5}, "subzero.rank"), ({"rank": True}, "subzero.rank"), ({"seed": -1}, "subzero.seed"),
+    ({"reshape": "maybe"}, "subzero.reshape"), ({"weight_decay": -0.1}, "subzero.weight_decay"),
+])
+def test_wrong_types_and_ranges_are_rejected(section, key):
+    with pytest.raises(ConfigError, match=f"`{key}`"):
+        parse_config({"subzero": section})
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    ({"scheduler": {"type": "WarmupLR"}}, "`scheduler`"),
+    ({"gradient_accumulation_steps": 4}, "`gradient_accumulation_steps`"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
+    ({"zero_optimization": {"stage": 0, "offload_param": {"device": "cpu"}}}, "offload_param"),
+    ({"subzero": [1, 2]}, "`subzero` must be a JSON object"),
+])
+def test_deepspeed_settings_we_cannot_serve_are_rejected(extra, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_config({"subzero": {}, **extra})
+
+
+def test_missing_and_malformed_files_name_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_ds_config(tmp_path / "nope.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"subzero": {"lr": 1e-5,}}')
+    with pytest.raises(ConfigError, match=r"broken.json.*not valid JSON.*line 1"):
+        load_ds_config(broken)
+
+
+def test_shipped_configs_exist():
+    assert len(SHIPPED_CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    ds_config = load_ds_config(path)
+    assert "subzero" in ds_config, f"{path.name} has no subzero section"
+    parse_config(ds_config, str(path))
+    json.loads(path.read_text())
