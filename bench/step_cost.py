@@ -62,8 +62,9 @@ METHODS = ("subzero", "mezo")
 TARGET_RATIO = 1.15
 Batch = dict[str, torch.Tensor]
 
-# The step's phases, in the order the breakdown table lists them.
+# The step's timed phases, in the order the breakdown table lists them; "other" is the rest.
 PHASES = ("forward ×2", "backup copy", "perturb ×2", "update", "cache release")
+BREAKDOWN = (*PHASES, "other")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="measured iterations per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
-    parser.add_argument("--rank", type=int, default=24, help="SubZero subspace rank r")
+    parser.add_argument("--subspace-rank", type=int, default=24, help="SubZero subspace rank r")
     parser.add_argument("--output", type=Path, default=Path("bench/results/step_cost.md"))
     parser.add_argument("--config-timeout", type=float, default=1800.0, help="seconds before a worker is killed")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -143,14 +144,14 @@ class PhaseTimer:
         return totals
 
 
-def ds_config(dtype: str, method: str, batch_size: int, rank: int) -> dict[str, Any]:
+def ds_config(dtype: str, method: str, batch_size: int, subspace_rank: int) -> dict[str, Any]:
     """The DeepSpeed config (ZeRO-3, no optimizer) with its ``"subzero"`` section."""
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": dtype == "bf16"},
         "steps_per_print": 1 << 30,
-        "subzero": {"method": method, "lr": 1e-7, "eps": 1e-3, "rank": rank, "subspace_interval": 1000, "seed": 0},
+        "subzero": {"method": method, "lr": 1e-7, "eps": 1e-3, "rank": subspace_rank, "subspace_interval": 1000, "seed": 0},
     }
 
 
@@ -175,8 +176,8 @@ def build_engine(args: argparse.Namespace, dtype: str, method: str, timer: Phase
 
     import subzero_ds
 
-    config = ds_config(dtype, method, args.batch_size, args.rank)
-    hf_ds_config = HfDeepSpeedConfig(config)  # must be alive while the model is created: ZeRO-3 init
+    config = ds_config(dtype, method, args.batch_size, args.subspace_rank)
+    hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841 - alive while the model is created: ZeRO-3 init
     model = OPTForCausalLM._from_config(opt_125m_config(), dtype=DTYPES[dtype], attn_implementation="sdpa")
     model.eval()
 
@@ -184,7 +185,6 @@ def build_engine(args: argparse.Namespace, dtype: str, method: str, timer: Phase
         return model(**batch).loss
 
     engine = subzero_ds.initialize(model=model, config=config, loss_fn=timer.wrap("forward ×2", loss_fn))
-    del hf_ds_config
     optimizer = engine.optimizer
     optimizer.save_ = timer.wrap("backup copy", optimizer.save_)
     optimizer.perturb_ = timer.wrap("perturb ×2", optimizer.perturb_)
@@ -226,27 +226,24 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def measure(engine: Any, batch: Batch, args: argparse.Namespace, timer: PhaseTimer, result: WorkerResult) -> None:
     """Warm up, then alternate steps and plain forward pairs, recording every timing."""
+
+    def step() -> None:
+        result.losses.append(engine.step(batch).loss)
+
+    def forwards() -> None:
+        two_forwards(engine.module, batch)
+
     for iteration in range(args.warmup + args.steps):
-        step_s = forward2_s = 0.0
-
-        def run_step() -> None:
-            nonlocal step_s
-            step_s = timed(lambda: result.losses.append(engine.step(batch).loss))
-
-        def run_forwards() -> None:
-            nonlocal forward2_s
-            forward2_s = timed(lambda: two_forwards(engine.module, batch))
-
         timer.take()
-        for run in (run_step, run_forwards) if iteration % 2 == 0 else (run_forwards, run_step):
-            run()
+        order = (step, forwards) if iteration % 2 == 0 else (forwards, step)
+        seconds = {fn: timed(fn) for fn in order}
         phases = timer.take()
-        if iteration < args.warmup:
-            continue
-        result.step_s.append(step_s)
-        result.forward2_s.append(forward2_s)
-        result.phases_s.append(phases)
-        result.direction_s.append(timed(lambda: direction_pass(engine)))
+        phases["other"] = seconds[step] - sum(phases.values())
+        if iteration >= args.warmup:
+            result.step_s.append(seconds[step])
+            result.forward2_s.append(seconds[forwards])
+            result.phases_s.append(phases)
+            result.direction_s.append(timed(lambda: direction_pass(engine)))
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -295,7 +292,7 @@ def worker_command(args: argparse.Namespace, dtype: str, method: str, result: Pa
         sys.executable, os.path.abspath(__file__), "--worker", "--result", str(result),
         "--dtype", dtype, "--method", method, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--rank", str(args.rank),
+        "--subspace-rank", str(args.subspace_rank),
     ]  # fmt: skip
 
 
@@ -339,6 +336,7 @@ class Row:
     step_spread: tuple[float, float]
     forward2_spread: tuple[float, float]
     phases_s: dict[str, float]
+    rank0_step_s: float
     direction_s: float
     peak_rss_mib: list[float]
     above_imports_mib: list[float]
@@ -354,7 +352,7 @@ def summarize(dtype: str, method: str, ranks: list[dict[str, Any]]) -> Row:
     step = [max(values) for values in zip(*(r["step_s"] for r in ranks))]
     forward2 = [max(values) for values in zip(*(r["forward2_s"] for r in ranks))]
     rank0 = ranks[0]
-    phases = {name: statistics.median(p[name] for p in rank0["phases_s"]) for name in PHASES}
+    phases = {name: statistics.median(p[name] for p in rank0["phases_s"]) for name in BREAKDOWN}
     return Row(
         dtype=dtype,
         method=method,
@@ -365,6 +363,7 @@ def summarize(dtype: str, method: str, ranks: list[dict[str, Any]]) -> Row:
         step_spread=(min(step), max(step)),
         forward2_spread=(min(forward2), max(forward2)),
         phases_s=phases,
+        rank0_step_s=statistics.median(rank0["step_s"]),
         direction_s=statistics.median(rank0["direction_s"]),
         peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
         above_imports_mib=[r["peak_rss_mib"] - r["rss_after_imports_mib"] for r in ranks],
@@ -413,19 +412,18 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         "",
         "## Where the step time goes (rank 0, median seconds per step)",
         "",
-        "| dtype | method | step | " + " | ".join(PHASES) + " | other | direction generation, one pass |",
-        "|---|---|---|" + "---|" * (len(PHASES) + 2),
+        "| dtype | method | step | " + " | ".join(BREAKDOWN) + " | direction generation, one pass |",
+        "|---|---|---|" + "---|" * (len(BREAKDOWN) + 1),
     ]
     for r in rows:
-        other = r.step_s - sum(r.phases_s.values())
-        phases = " | ".join(f"{r.phases_s[name]:.3f}" for name in PHASES)
-        lines.append(f"| {r.dtype} | {r.method} | {r.step_s:.2f} | {phases} | {other:.3f} | {r.direction_s:.3f} |")
+        phases = " | ".join(f"{r.phases_s[name]:.3f}" for name in BREAKDOWN)
+        lines.append(f"| {r.dtype} | {r.method} | {r.rank0_step_s:.2f} | {phases} | {r.direction_s:.3f} |")
     lines += [
         "",
         "'forward ×2' are the two loss forwards inside the step; 'perturb ×2' and 'update' each regenerate the "
         "direction and write the shard from the backup; 'cache release' is `empty_partition_cache` (called after each "
-        "write); 'other' is the rest, mostly the loss all-reduce and waiting for the slower rank (the step column is "
-        "the slower rank's time). 'Direction generation, one pass' times generating this rank's slice of D_t alone, "
+        "write); 'other' is the rest of rank 0's step, mostly the loss all-reduce, which waits for the slower rank. "
+        "'Direction generation, one pass' times generating this rank's slice of D_t alone, "
         "once, without writing it: perturb and update each do it once.",
     ]
     return "\n".join(lines) + "\n"

@@ -1,14 +1,14 @@
-"""ZO gradient estimates against autograd on a tiny model, in plain PyTorch (no DeepSpeed).
+"""ZO gradient estimates against autograd on the tiny models, in plain PyTorch (no DeepSpeed).
 
-One ZO estimate at step t is ĝ_t = ((L(θ + εD_t) − L(θ − εD_t)) / 2ε) · D_t, with D_t built from
-the library's own :class:`Direction` generators over the whole flat parameter vector. We check that
-averages of estimates line up with the true gradient as they grow, what happens when SubZero's
-subspace is shared by a window of steps, and print per-estimate statistics of SubZero and MeZO
-side by side (``pytest -s`` shows the table).
+One ZO estimate at step t is ĝ_t = ((L(θ + εD_t) − L(θ − εD_t)) / 2ε) · D_t, with D_t assembled
+from the library's own :class:`Direction` generators over the flat vector of trainable parameters.
+The tests check that the ZO scalar tracks the autograd directional derivative gᵀD, that averages
+of more estimates line up better with the gradient, what a SubZero window that shares one subspace
+converges to, and print SubZero's and MeZO's per-estimate statistics side by side (``pytest -s``).
 
-Precision: fp32, as the library runs. Measured on these models, the finite difference agrees with
-the autograd directional derivative gᵀD equally well in fp32 and fp64: the gap comes from the
-loss's nonlinearity over a step of ε·‖D‖ ≈ 0.3 (OPT's ReLU kinks above all), not from rounding.
+Precision: fp32, as the library runs. Measured here, the finite difference agrees with gᵀD as well
+in fp32 as in fp64: the gap comes from the loss's nonlinearity over a step of ε·‖D‖ ≈ 0.3 (OPT's
+ReLU kinks above all: ~12% relative error, against <1% for LLaMA's SiLU), not from rounding.
 """
 
 from __future__ import annotations
@@ -28,11 +28,16 @@ from subzero_ds.perturbation import collect
 
 EPS = 1e-3
 RANK = 4
-STEPS = 64  # estimates per replicate; averages of the first K of them, K in K_VALUES
-K_VALUES = (1, 8, 64)
-REPLICATES = 4  # independent run seeds the K-trend is averaged over
+K_VALUES = (1, 8, 64)  # averages of K estimates, over disjoint blocks of consecutive steps
+STEPS = 64  # steps per replicate (one block of the largest K)
+REPLICATES = 4  # run seeds: 256 estimates per (arch, method)
 ARCHS = ("opt", "llama")
 METHODS = ("subzero", "mezo")
+# |ZO scalar − gᵀD| / |gᵀD| over all draws, as a vector norm; measured ~0.12 (OPT), ~0.007 (LLaMA)
+FD_TOLERANCE = {"opt": 0.25, "llama": 0.03}
+# the one matrix the shared-window test trains (attention output projection of layer 1)
+WINDOW_MATRIX = {"opt": "model.decoder.layers.1.self_attn.out_proj.weight", "llama": "model.layers.1.self_attn.o_proj.weight"}
+WINDOW_K = (8, 32, 128)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +68,8 @@ class Problem:
         model: the model in eval mode (its own parameters are never edited).
         batch: the fixed batch every loss is computed on.
         names, shapes: the trainable parameters, in flat-vector order.
-        grad: the autograd gradient of the loss at θ over the trainable parameters (flat fp32).
+        theta: their values (flat fp32).
+        grad: the autograd gradient of the loss at θ with respect to them (flat fp32).
     """
 
     model: nn.Module
@@ -75,12 +81,11 @@ class Problem:
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The flat vector as ``{name: tensor of its shape}``."""
-        sizes = [math.prod(shape) for shape in self.shapes]
-        pieces = flat.split(sizes)
+        pieces = flat.split([math.prod(shape) for shape in self.shapes])
         return {name: piece.view(shape) for name, shape, piece in zip(self.names, self.shapes, pieces)}
 
     def loss(self, flat: torch.Tensor) -> float:
-        """L at the trainable parameters ``flat`` (the others as in the model), no autograd."""
+        """L with the trainable parameters set to ``flat`` (the others as in the model), no autograd."""
         with torch.no_grad():
             return functional_call(self.model, self.unflatten(flat), args=(), kwargs=self.batch).loss.item()
 
@@ -97,13 +102,12 @@ class Problem:
         return (self.loss(self.theta + EPS * d) - self.loss(self.theta - EPS * d)) / (2 * EPS)
 
 
-def make_problem(arch: str, trainable: Callable[[str, torch.Tensor], bool] = lambda name, p: True) -> Problem:
-    """The tiny ``arch`` model, seed 0, on an 8×16 batch; ``trainable`` picks the parameters."""
+def make_problem(arch: str, trainable: Callable[[str], bool] = lambda name: True) -> Problem:
+    """The tiny ``arch`` model (seed 0) on a fixed 8×16 batch; ``trainable`` picks parameters by name."""
     model = tiny_model(arch, seed=0).eval()
     batch = pattern_batch(8, seed=1)
-    chosen = [(name, p) for name, p in model.named_parameters() if trainable(name, p)]
-    loss = model(**batch).loss
-    grads = torch.autograd.grad(loss, [p for _, p in chosen])
+    chosen = [(name, p) for name, p in model.named_parameters() if trainable(name)]
+    grads = torch.autograd.grad(model(**batch).loss, [p for _, p in chosen])
     return Problem(
         model=model,
         batch=batch,
@@ -115,104 +119,178 @@ def make_problem(arch: str, trainable: Callable[[str, torch.Tensor], bool] = lam
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity, accumulated in fp64."""
+    """Cosine similarity of two flat vectors, computed in fp64."""
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
+
+
+def mean(values: list[float]) -> float:
+    """Arithmetic mean."""
+    return sum(values) / len(values)
 
 
 @dataclass
 class Run:
-    """Estimates of one method on one model.
+    """``REPLICATES`` × ``STEPS`` estimates of one method on one model (fresh subspace every step).
 
     Attributes:
-        trend: ``trend[k]`` the cosine to the gradient of the average of the first k estimates,
-            one value per replicate (run seed).
-        single: the cosine to the gradient of every single estimate (all replicates).
-        sq_norm: ‖ĝ‖² / (d·‖g‖²) of every single estimate (≈ 1 for MeZO: E‖ĝ‖² = (d + 2)‖g‖²).
+        blocks: ``blocks[k]`` the cosine to ∇L of the average of each disjoint block of k
+            consecutive estimates (256 / k values).
+        single: cos(ĝ_t, ∇L) of every estimate.
+        sq_norm: ‖ĝ_t‖² / (d·‖∇L‖²) of every estimate (≈ 1 for MeZO: E‖ĝ‖² = (d + 2)‖∇L‖²).
+        zo, exact: the ZO scalar and the autograd directional derivative gᵀD_t of every estimate.
+        numel: d, the number of trainable parameters.
     """
 
-    trend: dict[int, list[float]]
+    blocks: dict[int, list[float]]
     single: torch.Tensor
     sq_norm: torch.Tensor
+    zo: torch.Tensor
+    exact: torch.Tensor
+    numel: int
 
 
-def run_estimates(problem: Problem, method: str, interval: int = 1) -> Run:
-    """``REPLICATES`` × ``STEPS`` estimates of ``method``; their prefix averages and single stats."""
-    trend: dict[int, list[float]] = {k: [] for k in K_VALUES}
-    single, sq_norm = [], []
-    numel, grad_sq = problem.grad.numel(), problem.grad.double().square().sum().item()
+def run_estimates(problem: Problem, method: str) -> Run:
+    """Draw the estimates of ``method`` (interval 1 for SubZero) and summarise them."""
+    grad = problem.grad.double()
+    grad_norm, numel = grad.norm().item(), grad.numel()
+    blocks: dict[int, list[float]] = {k: [] for k in K_VALUES}
+    zo, exact, sq_norm = [], [], []
     for seed in range(REPLICATES):
-        direction = make_direction(method, seed, interval)
-        total = torch.zeros(numel, dtype=torch.float64)
+        direction = make_direction(method, seed)
+        sums = {k: torch.zeros(numel, dtype=torch.float64) for k in K_VALUES}
         for step in range(STEPS):
             d = problem.direction(direction, step)
-            estimate = problem.projected_grad(d) * d.double()
-            total += estimate
-            single.append(cosine(estimate, problem.grad))
-            sq_norm.append(estimate.square().sum().item() / (numel * grad_sq))
-            if step + 1 in trend:
-                trend[step + 1].append(cosine(total, problem.grad))
-    return Run(trend, torch.tensor(single, dtype=torch.float64), torch.tensor(sq_norm, dtype=torch.float64))
+            scalar = problem.projected_grad(d)
+            d64 = d.double()
+            zo.append(scalar)
+            exact.append((grad @ d64).item())
+            sq_norm.append((scalar * d64.norm().item() / grad_norm) ** 2 / numel)
+            for k, total in sums.items():
+                total.add_(d64, alpha=scalar)
+                if (step + 1) % k == 0:
+                    blocks[k].append(cosine(total, grad))
+                    total.zero_()
+    zo_t, exact_t = torch.tensor(zo, dtype=torch.float64), torch.tensor(exact, dtype=torch.float64)
+    return Run(
+        blocks=blocks,
+        single=torch.tensor(blocks[1], dtype=torch.float64),
+        sq_norm=torch.tensor(sq_norm, dtype=torch.float64),
+        zo=zo_t,
+        exact=exact_t,
+        numel=numel,
+    )
 
 
 @pytest.fixture(scope="module")
-def problems() -> dict[str, Problem]:
-    """Every parameter trainable, per architecture."""
-    return {arch: make_problem(arch) for arch in ARCHS}
-
-
-@pytest.fixture(scope="module")
-def runs(problems: dict[str, Problem]) -> dict[tuple[str, str], Run]:
-    """Fresh-subspace SubZero (interval 1) and MeZO, per architecture."""
-    return {(arch, method): run_estimates(problems[arch], method) for arch in ARCHS for method in METHODS}
+def runs() -> dict[tuple[str, str], Run]:
+    """Fresh-subspace SubZero and MeZO with every parameter trainable, per architecture."""
+    out = {}
+    for arch in ARCHS:
+        problem = make_problem(arch)
+        for method in METHODS:
+            out[arch, method] = run_estimates(problem, method)
+    return out
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_finite_difference_tracks_the_directional_derivative(problems, arch: str, method: str) -> None:
-    """The ZO scalar estimates gᵀD: correlated across draws with the autograd value, same scale."""
-    problem = problems[arch]
-    direction = make_direction(method, seed=100)
-    zo, exact = [], []
-    for step in range(16):
-        d = problem.direction(direction, step)
-        zo.append(problem.projected_grad(d))
-        exact.append(problem.grad.double() @ d.double())
-    zo_t, exact_t = torch.tensor(zo, dtype=torch.float64), torch.stack(exact)
-    assert cosine(zo_t, exact_t) > 0.95
-    assert 0.8 < zo_t.norm().item() / exact_t.norm().item() < 1.25
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_average_of_more_estimates_aligns_better_with_the_gradient(runs, problems, arch: str, method: str) -> None:
-    """cos(mean of K estimates, ∇L) grows with K (≈ √(K/d) for K ≪ d), clearly positive at K = 64."""
+def test_zo_scalar_tracks_the_directional_derivative(runs, arch: str, method: str) -> None:
+    """(L(θ+εD) − L(θ−εD)) / 2ε ≈ gᵀD over 256 draws (looser for OPT: ReLU is not smooth)."""
     run = runs[arch, method]
-    mean = {k: sum(values) / len(values) for k, values in run.trend.items()}
-    d = problems[arch].grad.numel()
-    print(f"\n{arch:5s} {method:7s} d={d}: " + ", ".join(f"K={k}: {mean[k]:.4f}" for k in K_VALUES))
-    ks = list(K_VALUES)
-    for small, large in zip(ks, ks[1:]):
-        # theory: × √(large/small) = × 2.83; ask for well under that
-        assert mean[large] > 1.6 * mean[small], (small, large, mean)
-    assert mean[64] > 0.4 * math.sqrt(64 / d), mean
-    assert min(run.trend[64]) > 0, run.trend[64]
+    relative_error = ((run.zo - run.exact).norm() / run.exact.norm()).item()
+    assert relative_error < FD_TOLERANCE[arch], relative_error
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_average_of_more_estimates_aligns_better_with_the_gradient(runs, arch: str, method: str) -> None:
+    """cos(mean of K estimates, ∇L) grows like √K (K ≪ d) and is clearly positive at K = 64."""
+    run = runs[arch, method]
+    cos = {k: mean(values) for k, values in run.blocks.items()}
+    for small, large in zip(K_VALUES, K_VALUES[1:]):
+        # theory: × √(large / small) = × 2.83; ask for well under that
+        assert cos[large] > 1.6 * cos[small], cos
+    # Gaussian theory for K ≪ d: cos ≈ √(K / d) (0.024 for OPT, 0.027 for LLaMA)
+    assert cos[64] > 0.5 * math.sqrt(64 / run.numel), cos
+    assert min(run.blocks[64]) > 0, run.blocks[64]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_shared_window_converges_to_the_subspace_projection_not_the_gradient(arch: str) -> None:
+    """Inside one SubZero window (F = 1000 ≥ K) every D_t = μ·U Z_t Vᵀ lies in S = {U X Vᵀ}.
+
+    Their average tends to E[(gᵀD)D | U, V] = μ²·U Uᵀ G V Vᵀ (the gradient's projection on S,
+    scaled), and its cosine to G can never exceed ‖P_S G‖ / ‖G‖, however many estimates are
+    averaged; estimates with a fresh subspace every step (F = 1) pass that ceiling.
+    Only one matrix is trained, so that S (r² = 16 dimensions) is small next to d = m·n.
+    """
+    name = WINDOW_MATRIX[arch]
+    problem = make_problem(arch, trainable=lambda n: n == name)
+    (shape,) = problem.shapes
+    grad = problem.grad.double().view(shape)
+
+    window = make_direction("subzero", seed=0, interval=1000)
+    subspace = window.subspace(name, shape, step=0)
+    u, v = subspace.u.double(), subspace.v.double()
+    projection = u @ (u.T @ grad @ v) @ v.T
+    limit = (math.prod(shape) / RANK**2) * projection  # μ² · P_S G
+    ceiling = (projection.norm() / grad.norm()).item()
+
+    def prefix_averages(direction: Direction) -> dict[int, torch.Tensor]:
+        total, out = torch.zeros(grad.numel(), dtype=torch.float64), {}
+        for step in range(max(WINDOW_K)):
+            d = problem.direction(direction, step)
+            total.add_(d.double(), alpha=problem.projected_grad(d))
+            if step + 1 in WINDOW_K:
+                out[step + 1] = total / (step + 1)
+        return out
+
+    shared = prefix_averages(window)
+    fresh = prefix_averages(make_direction("subzero", seed=0, interval=1))
+    to_limit = {k: cosine(avg, limit.view(-1)) for k, avg in shared.items()}
+    to_grad = {k: cosine(avg, grad.view(-1)) for k, avg in shared.items()}
+    fresh_to_grad = {k: cosine(avg, grad.view(-1)) for k, avg in fresh.items()}
+    def show(values: dict[int, float]) -> str:
+        return ", ".join(f"K={k}: {value:.4f}" for k, value in values.items())
+
+    print(f"\n{arch} {name} (rank {RANK}), ceiling ‖P_S G‖/‖G‖ = {ceiling:.4f}\n"
+          f"  shared window, cos to μ²·P_S G: {show(to_limit)}\n"
+          f"  shared window, cos to G:        {show(to_grad)}\n"
+          f"  fresh subspace, cos to G:       {show(fresh_to_grad)}")
+
+    assert to_limit[128] > 0.8 and to_limit[128] > to_limit[8] + 0.15, to_limit  # measured 0.94-0.97
+    for k, value in to_grad.items():
+        assert value <= ceiling + 1e-6, (k, value, ceiling)  # geometry, not statistics
+    assert ceiling < 0.12  # ≈ r/√(m·n) = 0.0625 for a generic gradient
+    assert fresh_to_grad[128] > ceiling, (fresh_to_grad, ceiling)  # measured 0.15-0.16
 
 
 def test_per_estimate_alignment_subzero_vs_mezo(runs) -> None:
-    """Print SubZero's and MeZO's single-estimate statistics side by side; assert only robust facts."""
-    header = f"{'arch':5s} {'method':8s} {'n':>4s} {'mean cos':>9s} {'std cos':>9s} {'var cos':>9s} " \
-             f"{'P(cos>0)':>8s} {'E|ĝ|²/d|g|²':>12s} {'K=1':>7s} {'K=8':>7s} {'K=64':>7s}"
-    lines = ["", "per-estimate cosine to the autograd gradient (fresh subspace every step, rank 4, ε=1e-3, fp32)",
-             header, "-" * len(header)]
+    """Print SubZero's and MeZO's single-estimate statistics side by side; assert only robust facts.
+
+    For a fresh random subspace and μ = √(m·n)/r, E[ĝ] = ∇L and E‖ĝ‖² ≈ d·‖∇L‖² for both methods,
+    so neither per-estimate alignment nor variance should differ much: the table measures it.
+    """
+    header = (
+        f"{'arch':5s} {'method':8s} {'n':>4s} {'mean cos':>9s} {'std cos':>9s} {'var cos':>9s} "
+        f"{'P(cos>0)':>8s} {'E‖ĝ‖²/(d‖g‖²)':>14s} " + " ".join(f"{f'K={k}':>7s}" for k in K_VALUES)
+    )
+    lines = [
+        "",
+        f"cos(ĝ, ∇L) of single estimates; K=k: mean cos of averages of k (fresh subspace each step, "
+        f"rank {RANK}, ε={EPS:g}, fp32)",
+        header,
+        "-" * len(header),
+    ]
     for (arch, method), run in runs.items():
-        trend = {k: sum(v) / len(v) for k, v in run.trend.items()}
         lines.append(
             f"{arch:5s} {method:8s} {run.single.numel():4d} {run.single.mean().item():9.5f} "
             f"{run.single.std().item():9.5f} {run.single.var().item():9.2e} "
-            f"{(run.single > 0).double().mean().item():8.3f} {run.sq_norm.mean().item():12.3f} "
-            + " ".join(f"{trend[k]:7.4f}" for k in K_VALUES)
+            f"{(run.single > 0).double().mean().item():8.3f} {run.sq_norm.mean().item():14.3f} "
+            + " ".join(f"{mean(run.blocks[k]):7.4f}" for k in K_VALUES)
         )
     print("\n".join(lines))
     for run in runs.values():
         assert run.single.mean() > 0
-        assert (run.single > 0).double().mean() > 0.75  # the finite difference mostly gets gᵀD's sign
+        assert (run.single > 0).double().mean() > 0.8  # measured ≥ 0.94: the ZO scalar's sign is right
+        assert 0.5 < run.sq_norm.mean() < 2.0  # E‖ĝ‖² ≈ d·‖∇L‖², measured 0.95-1.2

@@ -1,0 +1,39 @@
+"""Helpers that launch a script on several CPU ranks with the real launchers."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(launcher: str, nprocs: int) -> list[str]:
+    """The command prefix that starts ``nprocs`` ranks of a Python script with ``launcher``."""
+    if launcher == "python":
+        return [sys.executable]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port())]
+    if launcher == "mpirun":
+        mpirun = shutil.which("mpirun")
+        port = str(free_port())
+        return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(nprocs), "-x", f"MASTER_PORT={port}",
+                "-x", "PATH", sys.executable]
+    raise ValueError(launcher)
+
+
+def run(launcher: str, nprocs: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments) under ``launcher``; returns the finished process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run(
+        [*launcher_command(launcher, nprocs), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,76 @@
+"""1 rank ≡ 2 ranks under ZeRO-3 (deepspeed launcher and mpirun), the project's correctness test."""
+
+import shutil
+
+import pytest
+import torch
+
+from launch import REPO, run
+from trajectory import CASES
+
+pytestmark = pytest.mark.distributed
+SCRIPT = str(REPO / "tests" / "distributed" / "trajectory.py")
+
+
+def trajectories(tmp_path_factory, launcher: str, nprocs: int) -> dict:
+    out = tmp_path_factory.mktemp(launcher) / "trajectories.pt"
+    finished = run(launcher, nprocs, SCRIPT, "--out", str(out))
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    saved = torch.load(out)
+    assert saved["world_size"] == nprocs
+    return saved["results"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    return trajectories(tmp_path_factory, "python", 1)
+
+
+@pytest.fixture(scope="module")
+def two_ranks_deepspeed(tmp_path_factory):
+    return trajectories(tmp_path_factory, "deepspeed", 2)
+
+
+def assert_same_trajectory(reference: dict, other: dict) -> None:
+    torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+    assert reference["state"].keys() == other["state"].keys()
+    differences = {name: (other["state"][name] - t).abs().max().item() for name, t in reference["state"].items()}
+    worst = max(differences, key=differences.get)
+    print(f"max abs parameter difference {differences[worst]:.2e} ({worst})")
+    assert differences[worst] <= 1e-5, f"{worst}: max abs difference {differences[worst]}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_follow_the_one_rank_trajectory(one_rank, two_ranks_deepspeed, case):
+    reference = one_rank[case]
+    assert len(reference["losses"]) == 20
+    assert_same_trajectory(reference, two_ranks_deepspeed[case])
+
+
+def test_training_moved_the_weights(one_rank):
+    from subzero_ds.demo import tiny_model
+
+    initial = tiny_model("opt").state_dict()
+    trained = one_rank["opt-zero3-subzero"]["state"]
+    assert max((trained[k] - initial[k]).abs().max().item() for k in trained) > 1e-3
+
+
+def test_stage0_and_stage3_agree_across_ranks(two_ranks_deepspeed):
+    a, b = two_ranks_deepspeed["opt-zero0-subzero"], two_ranks_deepspeed["opt-zero3-subzero"]
+    torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
+def test_mpirun_launch_follows_the_same_trajectory(one_rank, tmp_path_factory):
+    two_ranks_mpi = trajectories(tmp_path_factory, "mpirun", 2)
+    for case in CASES:
+        assert_same_trajectory(one_rank[case], two_ranks_mpi[case])
+
+
+def test_ranks_that_disagree_on_the_seed_are_stopped_at_initialize(tmp_path):
+    finished = run("deepspeed", 2, SCRIPT, "--out", str(tmp_path / "x.pt"), "--cases", "opt-zero3-subzero",
+                   "--seed_differs_per_rank")
+    assert finished.returncode != 0
+    output = finished.stdout + finished.stderr
+    assert "ranks disagree on subzero.seed" in output
+    assert not (tmp_path / "x.pt").exists()
