@@ -33,6 +33,8 @@ def launcher_command(launcher: str, nprocs: int) -> list[str]:
 
 def run(launcher: str, nprocs: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     """Run ``args`` (a script and its arguments) under ``launcher``; returns the finished process."""
+    if launcher == "deepspeed" and args[0] == "-m":
+        args = ("--module", *args[1:])  # the deepspeed launcher's spelling of python -m
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     return subprocess.run(
         [*launcher_command(launcher, nprocs), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
