@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian/Ubuntu machine: system packages, .venv, torch, the project.
+# Called by `make demo` and `make test` (and so by .ci/run); safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# mpirun + MPI headers (mpi4py builds against them), libaio for DeepSpeed's NVMe offload.
+if ! command -v mpirun >/dev/null || ! [ -e /usr/include/libaio.h ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev libaio-dev >/dev/null
+  else
+    echo "setup: please install openmpi-bin libopenmpi-dev libaio-dev (needs root)" >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first, pinned: the CPU wheel. Installing the project first would let pip pull a multi-GB CUDA build.
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e ".[test]"
