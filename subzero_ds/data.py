@@ -96,59 +96,58 @@ def lm_batch(samples: Sequence[Sample], encoder: SampleEncoder) -> dict[str, tor
 
 
 def candidate_batch(samples: Sequence[Sample], encoder: SampleEncoder) -> dict[str, torch.Tensor]:
-    """All (sample, candidate) sequences of ``samples``, for scoring or the classification loss.
+    """Sequences and scored tokens for ranking each sample's candidates.
 
-    Keys: ``input_ids``, ``attention_mask``, ``score_mask`` (tokens whose log-likelihood is
-    averaged; for masked LMs the mask position), ``candidate_ids`` (masked LMs: label-word id per
-    row), ``owner`` (sample index per row), ``slot`` (candidate index per row), ``gold``.
+    A candidate's score is the mean log-likelihood of its tokens. When every candidate of a
+    sample is a single token (verbalizers such as " Yes"/" No"), they are all read off one shared
+    row at the prompt's last position: half the forward cost of a row per candidate, same scores.
+    Masked LMs read the label words at the mask of one row per sample.
+
+    Keys: ``input_ids``, ``attention_mask``; per scored token ``score_row``, ``score_position``
+    (the position whose logits predict it), ``score_token``, ``score_sample``, ``score_slot``;
+    ``gold`` per sample.
     """
-    pad = encoder.pad_id
-    ids, score_masks, owners, slots, word_ids = [], [], [], [], []
+    rows: list[list[int]] = []
+    entries: list[tuple[int, int, int, int, int]] = []  # (row, position, token, sample, slot)
     for index, sample in enumerate(samples):
         if not sample.candidates:
             raise DataError("a generation sample has no candidates to score: use generation for this task")
+        if encoder.masked_lm:
+            tokens, _ = encoder.pair(sample.prompt, "")
+            mask_at = tokens.index(encoder.tokenizer.mask_token_id)
+            entries += [(len(rows), mask_at, encoder.label_word_id(c), index, slot) for slot, c in enumerate(sample.candidates)]
+            rows.append(tokens)
+            continue
+        answers = [encoder.tokenizer(c, add_special_tokens=False)["input_ids"] for c in sample.candidates]
+        if all(len(a) == 1 for a in answers):
+            tokens, start = encoder.pair(sample.prompt, "")
+            entries += [(len(rows), start - 1, a[0], index, slot) for slot, a in enumerate(answers)]
+            rows.append(tokens)
+            continue
         for slot, candidate in enumerate(sample.candidates):
             tokens, start = encoder.pair(sample.prompt, candidate)
-            if encoder.masked_lm:
-                mask_at = tokens.index(encoder.tokenizer.mask_token_id)
-                score_masks.append([int(i == mask_at) for i in range(len(tokens))])
-                word_ids.append(encoder.label_word_id(candidate))
-            else:
-                score_masks.append([0] * start + [1] * (len(tokens) - start))
-            ids.append(tokens)
-            owners.append(index)
-            slots.append(slot)
-    batch = {
-        "input_ids": _pad(ids, pad),
-        "attention_mask": _pad([[1] * len(r) for r in ids], 0),
-        "score_mask": _pad(score_masks, 0),
-        "owner": torch.tensor(owners),
-        "slot": torch.tensor(slots),
+            entries += [(len(rows), p - 1, tokens[p], index, slot) for p in range(start, len(tokens))]
+            rows.append(tokens)
+    row, position, token, owner, slot = (torch.tensor(column) for column in zip(*entries))
+    return {
+        "input_ids": _pad(rows, encoder.pad_id),
+        "attention_mask": _pad([[1] * len(r) for r in rows], 0),
+        "score_row": row, "score_position": position, "score_token": token,
+        "score_sample": owner, "score_slot": slot,
         "gold": torch.tensor([s.gold if s.gold is not None else -1 for s in samples]),
     }
-    if encoder.masked_lm:
-        batch["candidate_ids"] = torch.tensor(word_ids)
-    return batch
 
 
 def candidate_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean token log-likelihood of each candidate: a (samples × max candidates) tensor, −inf where absent."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    mask = batch["score_mask"]
-    if "candidate_ids" in batch:  # masked LM: log p(label word | mask)
-        log_probs = F.log_softmax(logits, dim=-1)
-        at_mask = (log_probs * mask.unsqueeze(-1)).sum(dim=1)
-        per_row = at_mask.gather(1, batch["candidate_ids"].unsqueeze(1)).squeeze(1)
-    else:  # causal LM: token t is predicted by position t - 1
-        log_probs = F.log_softmax(logits[:, :-1], dim=-1)
-        token_log_probs = log_probs.gather(2, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
-        target_mask = mask[:, 1:].float()
-        per_row = (token_log_probs * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
-    samples = int(batch["gold"].numel())
-    width = int(batch["slot"].max()) + 1
-    scores = torch.full((samples, width), float("-inf"))
-    scores[batch["owner"], batch["slot"]] = per_row
-    return scores
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    picked = logits[batch["score_row"], batch["score_position"]].float()
+    token_log_probs = F.log_softmax(picked, dim=-1).gather(1, batch["score_token"].unsqueeze(1)).squeeze(1)
+    shape = (int(batch["gold"].numel()), int(batch["score_slot"].max()) + 1)
+    index = (batch["score_sample"], batch["score_slot"])
+    totals = torch.zeros(shape).index_put_(index, token_log_probs, accumulate=True)
+    counts = torch.zeros(shape).index_put_(index, torch.ones_like(token_log_probs), accumulate=True)
+    return torch.where(counts > 0, totals / counts.clamp(min=1), torch.tensor(float("-inf")))
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -104,3 +104,19 @@ def test_over_long_prompts_are_cut_from_the_left_or_rejected(causal):
     assert [t for t in batch["labels"][0].tolist() if t != -100] == answer
     with pytest.raises(DataError, match="over --max_length 32"):
         lm_batch([long], SampleEncoder(tokenizer, max_length=32, truncate=False))
+
+
+def test_single_token_candidates_share_one_row_and_long_ones_get_their_own(causal):
+    model, tokenizer = causal
+    encoder = SampleEncoder(tokenizer, max_length=64)
+    short = Sample(prompt="the movie was", candidates=(" great", " terrible"), gold=0)
+    long = Sample(prompt="the movie was", candidates=(" great", " antidisestablishment"), gold=1)
+    assert all(len(tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for c in short.candidates)
+    assert len(tokenizer(" antidisestablishment", add_special_tokens=False)["input_ids"]) > 1
+    batch = candidate_batch([short, long], encoder)
+    assert batch["input_ids"].shape[0] == 1 + 2
+    with torch.no_grad():
+        scores = candidate_scores(model, batch)
+    for row, sample in enumerate([short, long]):
+        for slot, candidate in enumerate(sample.candidates):
+            assert scores[row, slot].item() == pytest.approx(by_hand(model, tokenizer, sample.prompt, candidate), abs=1e-5)
