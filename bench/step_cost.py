@@ -24,7 +24,9 @@ ZeRO-3 as it is created (never whole on a rank), SDPA attention, no KV cache:
 
 Step and forward measurements alternate (step first on even iterations, forwards first on odd
 ones), so drift hits both alike. Each timing starts after a barrier; an iteration counts as
-the slower of the two ranks. A second table splits the step into its phases (rank 0) and times
+the slower of the two ranks. The benchmark watches the host's CPU: an iteration during which
+other processes used more than ``--max-other-load`` (10%) of it is measured again, and the
+table reports the worst remaining load, so a run disturbed by other work says so. A second table splits the step into its phases (rank 0) and times
 one pass of direction generation alone over this rank's shards (no write).
 
 Every (dtype, method) pair runs in a fresh pair of worker processes (one per rank, started by
@@ -91,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
     parser.add_argument("--subspace-rank", type=int, default=24, help="SubZero subspace rank r")
     parser.add_argument("--output", type=Path, default=Path("bench/results/step_cost.md"))
+    parser.add_argument(
+        "--max-other-load", type=float, default=0.1, help="repeat an iteration if other processes used more CPU"
+    )
+    parser.add_argument("--max-repeats", type=int, default=6, help="repeated iterations allowed per configuration")
     parser.add_argument("--config-timeout", type=float, default=1800.0, help="seconds before a worker is killed")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -123,8 +129,8 @@ class WorkerResult:
     rss_after_imports_mib: float = RSS_AFTER_IMPORTS_MIB
     built_peak_rss_mib: float = 0.0
     peak_rss_mib: float = 0.0
-    host: str = field(default_factory=socket.gethostname)
-    cpu_usage: CpuUsage | None = None
+    other_load: list[float] = field(default_factory=list)
+    repeated: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,7 +265,12 @@ def timed(fn: Callable[[], Any]) -> float:
 def measure(
     engine: subzero_ds.SubZeroEngine, batch: Batch, args: argparse.Namespace, timer: PhaseTimer, result: WorkerResult
 ) -> None:
-    """Warm up, then alternate steps and plain forward pairs, recording every timing."""
+    """Warm up, then alternate steps and plain forward pairs, recording every timing.
+
+    An iteration during which other processes used more than ``--max-other-load`` of the host's
+    CPU is measured again (at most ``--max-repeats`` times in all); every rank takes the same
+    decision, since the load is agreed on collectively.
+    """
 
     def step() -> None:
         result.losses.append(engine.step(batch).loss)
@@ -267,20 +278,41 @@ def measure(
     def forwards() -> None:
         two_forwards(engine.module, batch)
 
-    for iteration in range(args.warmup + args.steps):
-        if iteration == args.warmup:
-            cpu_start = CpuUsage.now()
+    iteration = 0
+    while len(result.step_s) < args.steps:
+        usage_start = CpuUsage.now()
         timer.take()
         order = (step, forwards) if iteration % 2 == 0 else (forwards, step)
         seconds = {fn: timed(fn) for fn in order}
         phases = timer.take()
         phases["other"] = seconds[step] - sum(phases.values())
-        if iteration >= args.warmup:
-            result.step_s.append(seconds[step])
-            result.forward2_s.append(seconds[forwards])
-            result.phases_s.append(phases)
-            result.direction_s.append(timed(lambda: direction_pass(engine)))
-    result.cpu_usage = CpuUsage.since(cpu_start)
+        load = other_load(CpuUsage.since(usage_start))
+        iteration += 1
+        if iteration <= args.warmup:
+            continue
+        if load > args.max_other_load and result.repeated < args.max_repeats:
+            result.repeated += 1
+            log(f"step_cost: other processes used {load:.0%} of the CPU during an iteration; measuring it again")
+            continue
+        result.step_s.append(seconds[step])
+        result.forward2_s.append(seconds[forwards])
+        result.phases_s.append(phases)
+        result.other_load.append(load)
+        result.direction_s.append(timed(lambda: direction_pass(engine)))
+
+
+def other_load(usage: CpuUsage) -> float:
+    """Share of the host's CPU capacity that processes other than the benchmark's workers used.
+
+    Collective: every rank passes its own :class:`CpuUsage` over the same window and gets the
+    same answer, for rank 0's host (host busy CPU seconds minus the CPU seconds of every worker on
+    that host, over window × cores). Well above zero means other work competed for the cores.
+    """
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (socket.gethostname(), usage))
+    host, reference = gathered[0]
+    own = sum(u.own_s for h, u in gathered if h == host)
+    return max(0.0, reference.host_busy_s - own) / (reference.wall_s * reference.host_cores)
 
 
 def _guest_time(host: Any) -> float:
@@ -340,7 +372,8 @@ def worker_command(args: argparse.Namespace, dtype: str, method: str, result: Pa
         sys.executable, os.path.abspath(__file__), "--worker", "--result", str(result),
         "--dtype", dtype, "--method", method, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--subspace-rank", str(args.subspace_rank),
+        "--subspace-rank", str(args.subspace_rank), "--max-other-load", str(args.max_other_load),
+        "--max-repeats", str(args.max_repeats),
     ]  # fmt: skip
 
 
@@ -391,6 +424,7 @@ class Row:
     built_peak_rss_mib: list[float]
     rss_after_imports_mib: list[float]
     other_load: float
+    repeated: int
 
     @property
     def ratio(self) -> float:
@@ -419,20 +453,9 @@ def summarize(dtype: str, method: str, ranks: list[dict[str, Any]]) -> Row:
         above_imports_mib=[r["peak_rss_mib"] - r["rss_after_imports_mib"] for r in ranks],
         built_peak_rss_mib=[r["built_peak_rss_mib"] for r in ranks],
         rss_after_imports_mib=[r["rss_after_imports_mib"] for r in ranks],
-        other_load=other_cpu_load(ranks),
+        other_load=max(rank0["other_load"]),
+        repeated=rank0["repeated"],
     )
-
-
-def other_cpu_load(ranks: list[dict[str, Any]]) -> float:
-    """Share of rank 0's host CPU capacity used by processes other than this benchmark's workers.
-
-    Host busy CPU seconds over rank 0's measured window, minus the CPU seconds of every worker on
-    that host, over (window × cores). Well above zero means other work competed for the cores
-    and the timings are suspect.
-    """
-    usage = ranks[0]["cpu_usage"]
-    own = sum(r["cpu_usage"]["own_s"] for r in ranks if r["host"] == ranks[0]["host"])
-    return max(0.0, usage["host_busy_s"] - own) / (usage["wall_s"] * usage["host_cores"])
 
 
 def per_rank(values: list[float]) -> str:
@@ -475,7 +498,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         f"Wall time {wall_s / 60:.1f} min (rank 0, from its start to this report).",
         "",
         "| dtype | method | step s | 2×forward s | ratio | peak RSS MiB per rank | above imports MiB per rank "
-        "| peak once built MiB per rank | other CPU load |",
+        "| peak once built MiB per rank | other CPU load (repeats) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -483,7 +506,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
             f"| {r.dtype} | {r.method} | {r.step_s:.2f} [{r.step_spread[0]:.2f}–{r.step_spread[1]:.2f}] "
             f"| {r.forward2_s:.2f} [{r.forward2_spread[0]:.2f}–{r.forward2_spread[1]:.2f}] | {r.ratio:.3f} "
             f"| {per_rank(r.peak_rss_mib)} | {per_rank(r.above_imports_mib)} | {per_rank(r.built_peak_rss_mib)} "
-            f"| {r.other_load:.0%} |"
+            f"| {r.other_load:.0%} ({r.repeated}) |"
         )
     lines += [
         "",
@@ -493,9 +516,10 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         "step and forward pair. 'Above imports' subtracts the RSS right after the imports "
         f"({per_rank(rows[0].rss_after_imports_mib)} MiB for the first configuration); 'peak once built' is the "
         "peak reached by the end of `subzero_ds.initialize`, before any forward pass. 'Other CPU load' is the "
-        "share of the host's CPU time, during the measured iterations, used by processes other than the "
-        "benchmark's workers: if it is more than a few percent, something else competed for the cores and the "
-        "timings are suspect (run again on a quiet machine).",
+        "largest share of the host's CPU time used by processes other than the benchmark's workers during a "
+        f"measured iteration; an iteration above {args.max_other_load:.0%} was measured again (repeats in "
+        "brackets, at most `--max-repeats`). If it is still more than a few percent, something else competed "
+        "for the cores and the timings are suspect: run again on a quiet machine.",
         "",
         "## Where the step time goes (rank 0, median seconds per step)",
         "",

@@ -12,7 +12,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 _PUBLIC = {
-    "initialize": "initialize",
+    "initialize": "initialization",
     "SubZeroEngine": "engine",
     "StepResult": "engine",
     "SubZeroConfig": "config",

@@ -82,10 +82,17 @@ def test_mpirun_trains_opt_with_the_lm_loss(workspace, tmp_path):
     assert_complete_outputs(tmp_path, "opt")
 
 
-def test_masked_lm_trains_as_classification(workspace, tmp_path):
-    finished = run("python", 1, *train_command(workspace, "roberta", tmp_path))
+def test_masked_lm_trains_as_classification_and_feeds_deepspeed_monitors(workspace, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+        "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "run"},
+        "subzero": {"lr": 1e-4, "eps": 1e-3, "rank": 4}}))
+    finished = run("python", 1, *train_command(workspace, "roberta", tmp_path / "out", "--deepspeed_config", str(config)))
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert_complete_outputs(tmp_path, "roberta")
+    assert_complete_outputs(tmp_path / "out", "roberta")
+    loss_csv = next((tmp_path / "csv").rglob("*loss.csv"))
+    assert len(loss_csv.read_text().splitlines()) >= 3
 
 
 def test_squad_is_evaluated_with_generation_f1(workspace, tmp_path):
@@ -110,6 +117,17 @@ def test_bad_arguments_give_a_clear_error(workspace, tmp_path, change, fragment)
     finished = run("python", 1, *command)
     assert finished.returncode == 2, finished.stderr[-2000:]
     assert fragment in finished.stderr and "Traceback" not in finished.stderr
+
+
+def test_a_bad_data_row_is_reported_with_file_row_and_field(workspace, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
+    command = list(train_command(workspace, "llama", tmp_path))
+    command[command.index("--train_file") + 1] = str(bad)
+    finished = run("python", 1, *command)
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr
+    for fragment in [str(bad), "maybe", "label"]:
+        assert fragment in finished.stderr, (fragment, finished.stderr[-1500:])
 
 
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
