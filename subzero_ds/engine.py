@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from .config import SubZeroConfig
@@ -133,7 +134,7 @@ class SubZeroEngine:
         DeepSpeed keeps small ("persistent") parameters gathered between forwards; the optimizer
         edits the shards, so those gathered copies are stale and must be released.
         """
-        if any(is_partitioned(s.param) and s.param.ds_status.name != "NOT_AVAILABLE" for s in self.shards):
+        if any(is_partitioned(s.param) and s.param.ds_status is not ZeroParamStatus.NOT_AVAILABLE for s in self.shards):
             self.ds_engine.optimizer.empty_partition_cache()
 
 

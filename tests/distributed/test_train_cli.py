@@ -42,7 +42,7 @@ def read_metrics(output):
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_complete_outputs(output, arch):
+def assert_complete_outputs(output):
     rows = read_metrics(output)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [4, 8, 12]
@@ -56,19 +56,20 @@ def assert_complete_outputs(output, arch):
     return results
 
 
-def test_one_and_two_ranks_train_the_same_model(workspace, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_one_and_two_ranks_train_the_same_model(workspace, tmp_path, arch):
     """--train_as_classification averages over examples, so 1 rank × 4 ≡ 2 ranks × 2 (deepspeed launcher)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    finished = run("python", 1, *train_command(workspace, "llama", one, "--train_as_classification",
+    finished = run("python", 1, *train_command(workspace, arch, one, "--train_as_classification",
                                                  "--per_device_batch_size", "4"))
     assert finished.returncode == 0, finished.stderr[-3000:]
-    finished = run("deepspeed", 2, *train_command(workspace, "llama", two, "--train_as_classification"))
+    finished = run("deepspeed", 2, *train_command(workspace, arch, two, "--train_as_classification"))
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
     assert "zero-shot accuracy" in finished.stdout and "final accuracy" in finished.stdout
-    results = [assert_complete_outputs(out, "llama") for out in (one, two)]
+    results = [assert_complete_outputs(out) for out in (one, two)]
     assert results[0]["final"] == results[1]["final"] and results[1]["world_size"] == 2
     weights = [load_file(out / "final" / "model.safetensors") for out in (one, two)]
-    initial = AutoModelForCausalLM.from_pretrained(workspace / "llama").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(workspace / arch).state_dict()
     assert max((weights[0][k] - initial[k]).abs().max().item() for k in weights[0]) > 1e-4  # it trained
     for name, tensor in weights[0].items():
         assert (weights[1][name] - tensor).abs().max().item() <= 1e-5, name
@@ -79,7 +80,7 @@ def test_one_and_two_ranks_train_the_same_model(workspace, tmp_path):
 def test_mpirun_trains_opt_with_the_lm_loss(workspace, tmp_path):
     finished = run("mpirun", 2, *train_command(workspace, "opt", tmp_path))
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
-    assert_complete_outputs(tmp_path, "opt")
+    assert_complete_outputs(tmp_path)
 
 
 def test_masked_lm_trains_as_classification_and_feeds_deepspeed_monitors(workspace, tmp_path):
@@ -90,7 +91,7 @@ def test_masked_lm_trains_as_classification_and_feeds_deepspeed_monitors(workspa
         "subzero": {"lr": 1e-4, "eps": 1e-3, "rank": 4}}))
     finished = run("python", 1, *train_command(workspace, "roberta", tmp_path / "out", "--deepspeed_config", str(config)))
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert_complete_outputs(tmp_path / "out", "roberta")
+    assert_complete_outputs(tmp_path / "out")
     loss_csv = next((tmp_path / "csv").rglob("*loss.csv"))
     assert len(loss_csv.read_text().splitlines()) >= 3
 
