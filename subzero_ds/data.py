@@ -141,7 +141,8 @@ def candidate_batch(samples: Sequence[Sample], encoder: SampleEncoder) -> dict[s
 def candidate_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean token log-likelihood of each candidate: a (samples × max candidates) tensor, −inf where absent."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    picked = logits[batch["score_row"], batch["score_position"]].float()
+    prepended = logits.shape[1] - batch["input_ids"].shape[1]  # prompt tuning's virtual tokens come first
+    picked = logits[batch["score_row"], batch["score_position"] + prepended].float()
     token_log_probs = F.log_softmax(picked, dim=-1).gather(1, batch["score_token"].unsqueeze(1)).squeeze(1)
     shape = (int(batch["gold"].numel()), int(batch["score_slot"].max()) + 1)
     index = (batch["score_sample"], batch["score_slot"])

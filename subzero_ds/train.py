@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import subzero_ds
+from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter, is_peft_model, merge_adapter, save_adapter
 from subzero_ds.config import ConfigError, deepspeed_section, load_ds_config, parse_config, zero_stage
 from subzero_ds.data import SampleEncoder, candidate_batch, classification_loss, lm_batch, lm_loss
 from subzero_ds.distributed import barrier, exit_process, get_world_size_and_rank, init_distributed, is_main_process, log
@@ -70,6 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=32, help="Greedy decoding length for SQuAD/DROP.")
     p.add_argument("--train_as_classification", action="store_true",
                    help="Loss = cross-entropy over the candidates' log-likelihoods (default: LM loss on the answer).")
+    p.add_argument("--tuning", choices=[t.value for t in Tuning], default="full",
+                   help="full fine-tuning, or a peft adapter: lora (q_proj/v_proj, r=8, alpha=16), prefix (5 tokens) "
+                        "or prompt (10 virtual tokens initialized from sampled vocabulary embeddings).")
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank.")
+    p.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling alpha.")
+    p.add_argument("--lora_target_modules", nargs="+", default=["q_proj", "v_proj"], help="Modules LoRA wraps.")
+    p.add_argument("--num_virtual_tokens", type=int, default=None, help="Prefix/prompt length (default 5 / 10).")
+    p.add_argument("--merge_adapter", action="store_true",
+                   help="Also write final/merged/: the base model with the adapter merged in (loads the base whole on rank 0).")
     p.add_argument("--output_dir", type=Path, default=Path("outputs"), help="Where metrics, eval results and final/ go.")
     p.add_argument("--seed", type=int, default=0, help="Data sampling and order seed (the ZO seed is subzero.seed).")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -110,17 +120,13 @@ def is_masked_lm(path: str, model_type: str) -> bool:
 
 
 def load_model(path: str, masked_lm: bool, ds_config: dict):
-    """``from_pretrained``, partitioned across ranks while it loads under ZeRO-3 (never whole on one rank)."""
+    """``from_pretrained``; under ZeRO-3 (an ``HfDeepSpeedConfig`` alive) partitioned while it loads."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-    from transformers.integrations import HfDeepSpeedConfig
 
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
         torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
-    keep_alive = HfDeepSpeedConfig(deepspeed_section(ds_config)) if zero_stage(ds_config) == 3 else None
     model_class = AutoModelForMaskedLM if masked_lm else AutoModelForCausalLM
-    model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    del keep_alive
-    return model
+    return model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
 
 
 def load_data(args: argparse.Namespace, task) -> tuple[list[Sample], list[Sample], list[Sample]]:
@@ -182,6 +188,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if masked_lm and task.kind is TaskKind.GENERATION:
         raise DataError(f"task {task.name!r} needs generation, which a masked LM cannot do: use a causal LM")
     from transformers import AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path)
     encoder = SampleEncoder(tokenizer, args.max_length, masked_lm=masked_lm, truncate=not args.no_truncation)
@@ -190,8 +197,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"--train_as_classification needs candidates; task {task.name!r} is generation")
     make_batch, loss_fn = (candidate_batch, classification_loss) if classify else (lm_batch, lm_loss)
 
+    # Alive while the model is built: transformers and peft consult it to partition at load time and
+    # to gather partitioned weights they read (prompt tuning's init). Dropped after initialize, so
+    # rank-0-only work later (merging the adapter on CPU) does not start collectives.
+    hf_zero3 = HfDeepSpeedConfig(deepspeed_section(ds_config)) if zero_stage(ds_config) == 3 else None
     model = load_model(model_path, masked_lm, ds_config)
+    options = AdapterOptions(lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
+                             lora_target_modules=tuple(args.lora_target_modules), num_virtual_tokens=args.num_virtual_tokens)
+    model = add_adapter(model, Tuning(args.tuning), options, masked_lm=masked_lm)
     engine = subzero_ds.initialize(model=model, config=config_source, loss_fn=loss_fn)
+    del hf_zero3
     per_device = args.per_device_batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
     batches = TaskBatches(train_samples, per_device * world_size, args.seed)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,13 +243,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             scores = evaluate(dev_samples or eval_samples)
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in scores.items()}})
         if args.save_steps and step % args.save_steps == 0:
-            engine.save_pretrained(args.output_dir / f"checkpoint-{step}")
+            save_model(engine, args.output_dir / f"checkpoint-{step}")
     progress.close()
     train_seconds = time.perf_counter() - started
 
     final = evaluate(eval_samples)
     metrics.write({"step": args.max_steps, **{f"eval_{k}": v for k, v in final.items()}})
-    engine.save_pretrained(args.output_dir / "final")
+    save_model(engine, args.output_dir / "final")
+    if args.merge_adapter and is_peft_model(engine.module):
+        merge_adapter(model_path, args.output_dir / "final", args.output_dir / "final" / "merged")
+        if is_main_process():
+            tokenizer.save_pretrained(args.output_dir / "final" / "merged")
     results = {"task": task.name, "model": args.model_name_or_path, "world_size": world_size,
                "steps": args.max_steps, "num_eval": len(eval_samples), "zero_shot": zero_shot, "final": final,
                "train_seconds": train_seconds}
@@ -243,6 +262,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         (args.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
     _print_summary(results, task.metric)
     return results
+
+
+def save_model(engine, path: Path) -> None:
+    """Full Hugging Face weights, or just the adapter in PEFT's format."""
+    if is_peft_model(engine.module):
+        save_adapter(engine.module, path)
+    else:
+        engine.save_pretrained(path)
 
 
 def _print_summary(results: dict[str, Any], metric: str) -> None:

@@ -31,7 +31,7 @@ def launcher_command(launcher: str, nprocs: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def run(launcher: str, nprocs: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def run(launcher: str, nprocs: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``args`` (a script and its arguments) under ``launcher``; returns the finished process."""
     if launcher == "deepspeed" and args[0] == "-m":
         args = ("--module", *args[1:])  # the deepspeed launcher's spelling of python -m

@@ -55,6 +55,19 @@ def test_training_moved_the_weights(one_rank):
     assert max((trained[k] - initial[k]).abs().max().item() for k in trained) > 1e-3
 
 
+def test_lora_moves_only_the_adapter(two_ranks_deepspeed):
+    from subzero_ds.demo import tiny_model
+
+    initial = tiny_model("llama").state_dict()
+    trained = two_ranks_deepspeed["llama-zero3-subzero-lora"]["state"]
+    lora = [k for k in trained if "lora_B" in k]
+    assert lora and all(trained[k].abs().max() > 1e-5 for k in lora)
+    base = {k: v for k, v in trained.items() if "lora_" not in k}
+    assert len(base) == len(initial)
+    for name, tensor in base.items():
+        assert torch.equal(tensor, initial[name.replace("base_model.model.", "", 1).replace(".base_layer", "")]), name
+
+
 def test_stage0_and_stage3_agree_across_ranks(two_ranks_deepspeed):
     a, b = two_ranks_deepspeed["opt-zero0-subzero"], two_ranks_deepspeed["opt-zero3-subzero"]
     torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-5, atol=1e-6)

@@ -144,3 +144,29 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
 def test_cli_reports_a_missing_config_file(tmp_path):
     finished = run("python", 1, "-m", "subzero_ds.train", "--deepspeed_config", str(tmp_path / "missing.json"))
     assert finished.returncode == 2 and "does not exist" in finished.stderr and "Traceback" not in finished.stderr
+
+
+def test_lora_on_two_ranks_saves_a_peft_adapter_and_a_merged_model(workspace, tmp_path):
+    from peft import PeftModel
+
+    finished = run("deepspeed", 2, *train_command(workspace, "llama", tmp_path, "--tuning", "lora",
+                                                    "--merge_adapter", "--train_as_classification"))
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    assert_complete_outputs(tmp_path)
+    final = tmp_path / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "llama"), final).eval()
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
+    ids = AutoTokenizer.from_pretrained(final / "merged")("a great and moving film", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
+        assert not torch.allclose(base(ids).logits, adapted(ids).logits, atol=1e-6)  # the adapter trained
+
+
+def test_prompt_tuning_scores_candidates_after_the_virtual_tokens(workspace, tmp_path):
+    finished = run("python", 1, *train_command(workspace, "opt", tmp_path, "--tuning", "prompt",
+                                                 "--train_as_classification"))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_complete_outputs(tmp_path)
+    assert (tmp_path / "final" / "adapter_config.json").exists()

@@ -10,6 +10,7 @@ import argparse
 import torch
 
 import subzero_ds
+from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.config import ConfigError
 from subzero_ds.demo import pattern_batch, rank_slice, tiny_model
 from subzero_ds.distributed import get_world_size_and_rank
@@ -20,23 +21,27 @@ from subzero_ds.export import iter_full_state
 # while still moving the weights by ~1e-2.
 LR = 2e-4
 
-# name -> (architecture, ZeRO stage, method, stage3_param_persistence_threshold)
+# name -> (architecture, ZeRO stage, method, stage3_param_persistence_threshold, tuning)
 CASES = {
-    "opt-zero3-subzero": ("opt", 3, "subzero", 100_000),
-    "llama-zero3-subzero": ("llama", 3, "subzero", 100_000),
-    "opt-zero3-mezo": ("opt", 3, "mezo", 100_000),
-    "llama-zero3-mezo": ("llama", 3, "mezo", 100_000),
-    "llama-zero3-subzero-partitioned": ("llama", 3, "subzero", 0),
-    "opt-zero0-subzero": ("opt", 0, "subzero", 0),
+    "opt-zero3-subzero": ("opt", 3, "subzero", 100_000, "full"),
+    "llama-zero3-subzero": ("llama", 3, "subzero", 100_000, "full"),
+    "opt-zero3-mezo": ("opt", 3, "mezo", 100_000, "full"),
+    "llama-zero3-mezo": ("llama", 3, "mezo", 100_000, "full"),
+    "llama-zero3-subzero-partitioned": ("llama", 3, "subzero", 0, "full"),
+    "opt-zero0-subzero": ("opt", 0, "subzero", 0, "full"),
+    "llama-zero3-subzero-lora": ("llama", 3, "subzero", 0, "lora"),
 }
 
 
-def run_case(arch: str, stage: int, method: str, persistence: int, steps: int, global_batch: int, seed: int) -> dict:
+def run_case(arch: str, stage: int, method: str, persistence: int, tuning: str, steps: int, global_batch: int,
+             seed: int) -> dict:
     config = {
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence},
         "subzero": {"method": method, "lr": LR, "eps": 1e-3, "rank": 4, "subspace_interval": 7, "seed": seed},
     }
-    engine = subzero_ds.initialize(model=tiny_model(arch), config=config)
+    lr = LR * 2 if tuning == "lora" else LR  # LoRA has fewer, smaller-gradient elements: a larger step still fits 1e-5
+    config["subzero"]["lr"] = lr
+    engine = subzero_ds.initialize(model=add_adapter(tiny_model(arch), Tuning(tuning)), config=config)
     world_size, rank = get_world_size_and_rank()
     losses = []
     for step in range(steps):
