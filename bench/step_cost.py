@@ -60,6 +60,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 import subzero_ds
+from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.distributed import get_world_size_and_rank, init_distributed, log
 
 RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
@@ -92,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
     parser.add_argument("--subspace-rank", type=int, default=24, help="SubZero subspace rank r")
+    parser.add_argument("--tuning", choices=["full", "lora"], default="full",
+                        help="full fine-tuning, or LoRA (q_proj/v_proj, r=8) on the frozen model")
     parser.add_argument("--output", type=Path, default=Path("bench/results/step_cost.md"))
     parser.add_argument(
         "--max-other-load", type=float, default=0.1, help="repeat an iteration if other processes used more CPU"
@@ -217,7 +220,7 @@ def build_engine(args: argparse.Namespace, dtype: str, method: str, timer: Phase
     config = ds_config(dtype, method, args.batch_size, args.subspace_rank)
     hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841 - alive while the model is created: ZeRO-3 init
     model = OPTForCausalLM._from_config(opt_125m_config(), dtype=DTYPES[dtype], attn_implementation="sdpa")
-    model.eval()
+    model = add_adapter(model, Tuning(args.tuning)).eval()
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return model(**batch).loss
@@ -372,7 +375,7 @@ def worker_command(args: argparse.Namespace, dtype: str, method: str, result: Pa
         sys.executable, os.path.abspath(__file__), "--worker", "--result", str(result),
         "--dtype", dtype, "--method", method, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--subspace-rank", str(args.subspace_rank), "--max-other-load", str(args.max_other_load),
+        "--subspace-rank", str(args.subspace_rank), "--tuning", args.tuning, "--max-other-load", str(args.max_other_load),
         "--max-repeats", str(args.max_repeats),
     ]  # fmt: skip
 
@@ -490,7 +493,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         "# ZO step cost vs. two plain forward passes",
         "",
         f"Command: `{command_line(world_size)}`",
-        f"Model: OPT-125M shape ({rows[0].total_params / 1e6:.1f}M parameters, random weights), ZeRO-3 over "
+        f"Tuning: {args.tuning}. Model: OPT-125M shape ({rows[0].total_params / 1e6:.1f}M parameters, random weights), ZeRO-3 over "
         f"{world_size} ranks, CPU + gloo, {args.threads} torch thread(s) per rank, SDPA, no KV cache. "
         f"Batch {args.batch_size} × {args.seq_len} tokens per rank{batch_note(args.batch_size)}. "
         f"{args.warmup} warm-up + {args.steps} measured iterations; step and 2×forward interleaved, each timed "
