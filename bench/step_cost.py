@@ -337,7 +337,9 @@ def run_worker(args: argparse.Namespace) -> None:
     timer = PhaseTimer()
     engine = build_engine(args, dtype, method, timer)
     params = list(engine.module.parameters())
-    stored = {p.ds_tensor.dtype for p in params}
+    # The model's own weights must be in the asked dtype; peft's LoRA factors, created after
+    # ZeRO-3's construction-time partitioning, stay fp32 (DeepSpeed does not recast them).
+    stored = {p.ds_tensor.dtype for p in params if args.tuning == "full" or not p.requires_grad}
     if stored != {DTYPES[dtype]}:
         raise RuntimeError(f"asked for {dtype} parameters, but ZeRO-3 stores them as {sorted(map(str, stored))}")
     result = WorkerResult(

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from .config import SubZeroConfig
 from .distributed import log, mean_over_ranks
 from .export import save_hf_weights
 from .optimizer import ZOOptimizer
-from .shards import ParamShard, is_partitioned
+from .shards import ParamShard
 
 Batch = Mapping[str, Any]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -131,10 +130,10 @@ class SubZeroEngine:
     def _release_stale_copies(self) -> None:
         """Drop gathered copies of edited ZeRO-3 parameters so the next forward sees the edit.
 
-        DeepSpeed keeps small ("persistent") parameters gathered between forwards; the optimizer
-        edits the shards, so those gathered copies are stale and must be released.
+        The optimizer writes the gathered copies of persistent parameters itself; any other
+        gathered copy of a trainable parameter would be stale after a write and is released.
         """
-        if any(is_partitioned(s.param) and s.param.ds_status is not ZeroParamStatus.NOT_AVAILABLE for s in self.shards):
+        if self.optimizer.has_stale_gathered_copies():
             self.ds_engine.optimizer.empty_partition_cache()
 
 

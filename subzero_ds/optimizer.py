@@ -17,6 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from typing import Callable, Iterator
 
+import deepspeed
 import torch
 
 from .config import Method, SubZeroConfig
@@ -111,11 +112,25 @@ class ZOOptimizer:
         self.shards, self.direction = shards, direction
         self.eps, self.weight_decay = eps, weight_decay
         self._backups = [torch.empty_like(shard.local()) for shard in shards]
+        self._full_backups: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
 
     def save_(self) -> None:
-        """Copy the current shards into the backup (the θ every later write starts from)."""
+        """Copy the current shards into the backup (the θ every later write starts from).
+
+        Persistent ZeRO-3 parameters (small; DeepSpeed keeps them gathered) also get a full
+        backup, and their gathered copy is written with the full direction alongside the shard,
+        so no forward has to gather them again. Collective under ZeRO-3 (the first time, a
+        persistent parameter that is not gathered yet is gathered to back it up).
+        """
         for shard, backup in zip(self.shards, self._backups):
             backup.copy_(shard.local())
+        persistent = [i for i, shard in enumerate(self.shards) if shard.is_persistent]
+        with deepspeed.zero.GatheredParameters([self.shards[i].param for i in persistent if self.shards[i].gathered() is None]):
+            self._full_backups = {i: self.shards[i].param.data.view(-1).clone() for i in persistent}
+
+    def has_stale_gathered_copies(self) -> bool:
+        """True if a gathered copy exists that the writes do not reach (it must be released)."""
+        return any(s.gathered() is not None and i not in self._full_backups for i, s in enumerate(self.shards))
 
     def perturb_(self, step: int, sign: float) -> None:
         """Set each shard to θ + sign·ε·D_step (θ from the backup, so signs can be taken in any order)."""
@@ -126,6 +141,10 @@ class ZOOptimizer:
         """Put back exactly the θ saved by :meth:`save_`."""
         for shard, backup in zip(self.shards, self._backups):
             shard.local().copy_(backup)
+        for index, backup in self._full_backups.items():
+            gathered = self.shards[index].gathered()
+            if gathered is not None:
+                gathered.copy_(backup)
 
     def update_(self, step: int, projected_grad: float, lr: float) -> None:
         """θ ← θ − lr·(g·D_step + λ·θ), written from the backup."""
@@ -138,9 +157,16 @@ class ZOOptimizer:
 
     def _write_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor]) -> None:
         with torch.no_grad():
-            for shard, backup in zip(self.shards, self._backups):
-                local = shard.local()
-                for lo, d in self.direction.chunks(shard.name, shard.shape, step, shard.start, shard.end):
-                    piece = slice(lo - shard.start, lo - shard.start + d.numel())
-                    theta = backup[piece].to(torch.float32, copy=True)
-                    local[piece] = combine(theta, d, shard)
+            for index, (shard, backup) in enumerate(zip(self.shards, self._backups)):
+                self._write_range_(step, combine, shard, shard.local(), backup, shard.start, shard.end)
+                gathered = shard.gathered()
+                if gathered is not None and index in self._full_backups:
+                    # Same elements, same arithmetic: bit-identical to what the shards now hold.
+                    self._write_range_(step, combine, shard, gathered, self._full_backups[index], 0, shard.numel)
+
+    def _write_range_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor],
+                      shard: ParamShard, target: torch.Tensor, backup: torch.Tensor, start: int, end: int) -> None:
+        for lo, d in self.direction.chunks(shard.name, shard.shape, step, start, end):
+            piece = slice(lo - start, lo - start + d.numel())
+            theta = backup[piece].to(torch.float32, copy=True)
+            target[piece] = combine(theta, d, shard)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 
@@ -47,6 +48,22 @@ class ParamShard:
         if is_partitioned(self.param):
             return self.param.ds_tensor.data.view(-1)[: self.end - self.start]
         return self.param.data.view(-1)
+
+
+    @property
+    def is_persistent(self) -> bool:
+        """Whether ZeRO-3 keeps this (small) parameter gathered between forwards."""
+        return is_partitioned(self.param) and bool(getattr(self.param, "ds_persist", False))
+
+    def gathered(self) -> torch.Tensor | None:
+        """The full 1-D copy of a ZeRO-3 parameter while it is gathered, else None.
+
+        DeepSpeed keeps persistent parameters gathered after their first forward and never
+        re-reads their shard, so an edit must reach this copy too.
+        """
+        if is_partitioned(self.param) and self.param.ds_status is ZeroParamStatus.AVAILABLE:
+            return self.param.data.view(-1)
+        return None
 
 
 def is_partitioned(param: nn.Parameter) -> bool:
