@@ -61,7 +61,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
-from subzero_ds.distributed import get_world_size_and_rank, init_distributed, log
+from subzero_ds.distributed import free_port, get_world_size_and_rank, init_distributed, log
 
 RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
 
@@ -355,13 +355,6 @@ def run_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # Launched process: one per rank; starts the workers, gathers results, rank 0 writes the table
 # ---------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for the workers' process group)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def broadcast(value: Any) -> Any:

@@ -46,7 +46,7 @@ def init_distributed() -> None:
     if not any(v in os.environ for v in _LAUNCHER_RANK_VARIABLES):
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     _share_cores_between_local_ranks()
     import deepspeed
 
@@ -130,7 +130,8 @@ def log(message: str, *, all_ranks: bool = False) -> None:
         logger.info(message)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port nobody listens on now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

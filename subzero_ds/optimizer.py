@@ -112,6 +112,7 @@ class ZOOptimizer:
         self.shards, self.direction = shards, direction
         self.eps, self.weight_decay = eps, weight_decay
         self._backups = [torch.empty_like(shard.local()) for shard in shards]
+        self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
         self._full_backups: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
 
     def save_(self) -> None:
@@ -124,9 +125,9 @@ class ZOOptimizer:
         """
         for shard, backup in zip(self.shards, self._backups):
             backup.copy_(shard.local())
-        persistent = [i for i, shard in enumerate(self.shards) if shard.is_persistent]
-        with deepspeed.zero.GatheredParameters([self.shards[i].param for i in persistent if self.shards[i].gathered() is None]):
-            self._full_backups = {i: self.shards[i].param.data.view(-1).clone() for i in persistent}
+        not_gathered = [self.shards[i].param for i in self._persistent if self.shards[i].gathered() is None]
+        with deepspeed.zero.GatheredParameters(not_gathered):  # a no-op once they stay gathered
+            self._full_backups = {i: self.shards[i].param.data.view(-1).clone() for i in self._persistent}
 
     def has_stale_gathered_copies(self) -> bool:
         """True if a gathered copy exists that the writes do not reach (it must be released)."""
