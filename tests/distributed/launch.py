@@ -2,19 +2,15 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from subzero_ds.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launcher_command(launcher: str, nprocs: int) -> list[str]:
@@ -35,7 +31,9 @@ def run(launcher: str, nprocs: int, *args: str, timeout: int = 240) -> subproces
     """Run ``args`` (a script and its arguments) under ``launcher``; returns the finished process."""
     if launcher == "deepspeed" and args[0] == "-m":
         args = ("--module", *args[1:])  # the deepspeed launcher's spelling of python -m
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    # In-process tests set RANK/MASTER_PORT… for pytest's own 1-rank group; a child must not reuse them.
+    inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+    env = {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     return subprocess.run(
         [*launcher_command(launcher, nprocs), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
