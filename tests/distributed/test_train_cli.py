@@ -1,5 +1,6 @@
 """The training entry point end to end: tiny OPT/LLaMA/RoBERTa, 1 and 2 ranks, real launchers."""
 
+import glob
 import json
 
 import pytest
@@ -170,3 +171,10 @@ def test_prompt_tuning_scores_candidates_after_the_virtual_tokens(workspace, tmp
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert_complete_outputs(tmp_path)
     assert (tmp_path / "final" / "adapter_config.json").exists()
+
+
+def test_launched_ranks_leave_no_shared_memory_behind(workspace, tmp_path):
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    finished = run("deepspeed", 2, *train_command(workspace, "opt", tmp_path, "--max_steps", "2"))
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
