@@ -56,6 +56,13 @@ class SubZeroConfig(BaseModel):
         Reshape.AUTO, strict=False, description='"auto" (on for PEFT, off for full FT), "always" or "never".'
     )
     seed: int = Field(0, ge=0, lt=2**63, description="Run seed every direction derives from, an integer >= 0.")
+    fused: bool = Field(
+        False,
+        description="true: both perturbed losses from one forward over the doubled batch (no in-place perturbation).",
+    )
+    max_consecutive_skips: int = Field(
+        10, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss, an integer >= 1."
+    )
 
 
 # ZeRO stages that need no optimizer: 0 (whole parameters everywhere) and 3 (parameter partitioning).
