@@ -6,6 +6,7 @@ the same global batch, so every launch must follow the same trajectory.
 """
 
 import argparse
+import json
 
 import torch
 
@@ -34,13 +35,13 @@ CASES = {
 
 
 def run_case(arch: str, stage: int, method: str, persistence: int, tuning: str, steps: int, global_batch: int,
-             seed: int) -> dict:
-    config = {
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence},
-        "subzero": {"method": method, "lr": LR, "eps": 1e-3, "rank": 4, "subspace_interval": 7, "seed": seed},
-    }
+             seed: int, zero_extra: dict | None = None, subzero_extra: dict | None = None) -> dict:
     lr = LR * 2 if tuning == "lora" else LR  # LoRA has fewer, smaller-gradient elements: a larger step still fits 1e-5
-    config["subzero"]["lr"] = lr
+    config = {
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence, **(zero_extra or {})},
+        "subzero": {"method": method, "lr": lr, "eps": 1e-3, "rank": 4, "subspace_interval": 7, "seed": seed,
+                    **(subzero_extra or {})},
+    }
     engine = subzero_ds.initialize(model=add_adapter(tiny_model(arch), Tuning(tuning)), config=config)
     world_size, rank = get_world_size_and_rank()
     losses = []
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global_batch", type=int, default=8)
     parser.add_argument("--seed_differs_per_rank", action="store_true")
+    parser.add_argument("--zero", type=json.loads, default=None, help="JSON merged into zero_optimization")
+    parser.add_argument("--subzero", type=json.loads, default=None, help="JSON merged into the subzero section")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
@@ -64,7 +67,8 @@ def main() -> None:
     world_size, rank = get_world_size_and_rank()
     seed = 5 + (rank if args.seed_differs_per_rank else 0)
     try:
-        results = {name: run_case(*CASES[name], args.steps, args.global_batch, seed) for name in args.cases}
+        results = {name: run_case(*CASES[name], args.steps, args.global_batch, seed, args.zero, args.subzero)
+                   for name in args.cases}
     except ConfigError as e:
         print(f"rank {rank}: ConfigError: {e}", flush=True)
         subzero_ds.distributed.exit_process(3)
