@@ -15,6 +15,7 @@ _PUBLIC = {
     "initialize": "initialization",
     "SubZeroEngine": "engine",
     "StepResult": "engine",
+    "NonFiniteLossError": "engine",
     "SubZeroConfig": "config",
     "ConfigError": "config",
     "Method": "config",

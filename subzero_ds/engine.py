@@ -13,6 +13,7 @@ from torch import nn
 from .config import SubZeroConfig
 from .distributed import log, mean_over_ranks
 from .export import save_hf_weights
+from .fused import FusedPass, half_losses
 from .optimizer import ZOOptimizer
 from .shards import ParamShard
 
@@ -66,7 +67,9 @@ class SubZeroEngine:
         self.config = config
         self.optimizer = optimizer
         self.loss_fn = loss_fn or _model_loss
+        self.fused_pass = FusedPass(self.module, optimizer.shards, optimizer.direction, config.eps) if config.fused else None
         self.global_step = 0
+        self.consecutive_skips = 0
 
     @property
     def module(self) -> nn.Module:
@@ -90,23 +93,50 @@ class SubZeroEngine:
             The step's :class:`StepResult`. A non-finite loss skips the update (weights unchanged).
         """
         step, lr, eps = self.global_step, self.lr, self.config.eps
-        self.optimizer.save_()
-        self._perturb(step, +1.0)
-        loss_pos = self._loss(batch)
-        self._perturb(step, -1.0)
-        loss_neg = self._loss(batch)
+        loss_pos, loss_neg = self._fused_losses(batch, step) if self.fused_pass else self._in_place_losses(batch, step)
         # Sync point: every rank needs the same g to apply the same update to its shard.
         loss_pos, loss_neg = mean_over_ranks(loss_pos, loss_neg)
         projected_grad = (loss_pos - loss_neg) / (2 * eps)
         skipped = not math.isfinite(projected_grad)
         if skipped:
-            self.optimizer.restore_()
-            log(f"step {step}: non-finite loss (ℓ+={loss_pos}, ℓ−={loss_neg}); update skipped, weights unchanged")
+            self._skip_update(step, loss_pos, loss_neg)
         else:
+            self.consecutive_skips = 0
             self.optimizer.update_(step, projected_grad, lr)
         self._release_stale_copies()
         self.global_step += 1
         return StepResult(step, loss_pos, loss_neg, projected_grad, lr, skipped)
+
+    def _in_place_losses(self, batch: Batch, step: int) -> tuple[float, float]:
+        """ℓ+, ℓ− from two forwards with the shards perturbed in place (restored exactly on a skip)."""
+        self.optimizer.save_()
+        self._perturb(step, +1.0)
+        loss_pos = self._loss(batch)
+        self._perturb(step, -1.0)
+        loss_neg = self._loss(batch)
+        return loss_pos, loss_neg
+
+    def _fused_losses(self, batch: Batch, step: int) -> tuple[float, float]:
+        """ℓ+, ℓ− from one forward over [batch; batch]; the shards are not touched."""
+        self.module.eval()  # dropout off: both halves must see the same function
+        with torch.no_grad(), self.fused_pass.active(step):
+            return half_losses(self.loss_fn, self.module, batch)
+
+    def _skip_update(self, step: int, loss_pos: float, loss_neg: float) -> None:
+        """Leave the weights exactly as before this step; stop after too many such steps in a row."""
+        if self.optimizer.in_place:
+            self.optimizer.restore_()
+        self.consecutive_skips += 1
+        limit = self.config.max_consecutive_skips
+        log(f"step {step}: non-finite loss (ℓ+={loss_pos}, ℓ−={loss_neg}); update skipped, weights unchanged "
+            f"({self.consecutive_skips} in a row, limit {limit})")
+        if self.consecutive_skips >= limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss, so the run "
+                f"stops (`subzero.max_consecutive_skips` = {limit}). The weights are those before the first of "
+                "them. Lower `subzero.lr` or `subzero.eps`, check the data for empty or corrupt examples, or use "
+                "fp32/bf16 instead of fp16."
+            )
 
     def evaluate(self, batch: Batch) -> float:
         """Forward-only loss on this rank's ``batch``, averaged over data-parallel ranks."""
@@ -135,6 +165,10 @@ class SubZeroEngine:
         """
         if self.optimizer.has_stale_gathered_copies():
             self.ds_engine.optimizer.empty_partition_cache()
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive ZO steps had a non-finite loss (``subzero.max_consecutive_skips``)."""
 
 
 def _model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -71,10 +71,12 @@ def initialize(
         raise ConfigError("the model has no parameter with requires_grad=True: there is nothing to train.")
     frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
     reshape = settings.reshape is Reshape.ALWAYS or (settings.reshape is Reshape.AUTO and frozen)
-    optimizer = ZOOptimizer(shards, make_direction(settings, reshape), settings.eps, settings.weight_decay)
+    optimizer = ZOOptimizer(shards, make_direction(settings, reshape), settings.eps, settings.weight_decay,
+                            in_place=not settings.fused)
     trainable = sum(s.numel for s in shards)
     log(
         f"subzero_ds: {settings.method.value} on {len(shards)} trainable tensors ({trainable:,} elements), "
-        f"ZeRO stage {zero_stage(ds_config)}, lr={settings.lr:g}, eps={settings.eps:g}, reshape={reshape}"
+        f"ZeRO stage {zero_stage(ds_config)}, lr={settings.lr:g}, eps={settings.eps:g}, reshape={reshape}, "
+        f"{'fused ± pass' if settings.fused else 'in-place ± passes'}"
     )
     return SubZeroEngine(ds_engine, settings, optimizer, loss_fn)

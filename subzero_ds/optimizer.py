@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import deepspeed
 import torch
 
 from .config import Method, SubZeroConfig
-from .perturbation import Chunk, Subspace, draw_core, draw_subspace, gaussian_chunks, lowrank_chunks
+from .perturbation import Chunk, Subspace, collect, draw_core, draw_subspace, gaussian_chunks, lowrank_chunks
 from .perturbation import near_square_shape
 from .shards import ParamShard
 
@@ -39,6 +40,28 @@ class Direction(ABC):
     def gaussian(self, name: str, shape: tuple[int, ...], step: int, start: int, end: int) -> Iterator[Chunk]:
         numel = math.prod(shape)
         return gaussian_chunks((self.seed, "gaussian", step, name, shape), numel, start, end)
+
+    def full(self, name: str, shape: tuple[int, ...], step: int) -> torch.Tensor:
+        """The whole fp32 D_step of ``name`` in its own shape (bit-identical to the chunks)."""
+        numel = math.prod(shape)
+        return collect(self.chunks(name, shape, step, 0, numel), 0, numel).view(shape)
+
+    def has_lowrank(self, shape: tuple[int, ...]) -> bool:
+        """Whether :meth:`lowrank` gives factors for a parameter of this shape."""
+        return False
+
+    def lowrank(self, name: str, shape: tuple[int, ...], step: int) -> LowRank:
+        """D_step as factors μ·U·Z·Vᵀ in the parameter's own shape (only where :meth:`has_lowrank`)."""
+        raise ValueError(f"{type(self).__name__} has no low-rank factors for {name} {shape}")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """D = U · core · Vᵀ with ``core`` = μ·Z already scaled (U: m×r, core: r×r, V: n×r, fp32)."""
+
+    u: torch.Tensor
+    core: torch.Tensor
+    v: torch.Tensor
 
 
 class GaussianDirection(Direction):
@@ -84,11 +107,24 @@ class SubspaceDirection(Direction):
     def chunks(self, name, shape, step, start, end):
         if len(shape) != 2:
             return self.gaussian(name, shape, step, start, end)
+        subspace, core, scale = self._factors(name, shape, step)
+        return lowrank_chunks(subspace, core, scale, start, end)
+
+    def has_lowrank(self, shape):
+        return len(shape) == 2 and self.matrix_shape(shape) == tuple(shape)  # reshaped: low-rank only in its view
+
+    def lowrank(self, name, shape, step):
+        if not self.has_lowrank(shape):
+            return super().lowrank(name, shape, step)
+        subspace, core, scale = self._factors(name, shape, step)
+        return LowRank(u=subspace.u, core=scale * core, v=subspace.v)
+
+    def _factors(self, name: str, shape: tuple[int, ...], step: int) -> tuple[Subspace, torch.Tensor, float]:
         subspace = self.subspace(name, shape, step)
         rank = subspace.u.shape[1]
         core = draw_core((self.seed, "core", step, name, shape), rank)
         scale = math.sqrt(math.prod(shape)) / rank  # μ: E‖D‖² = m·n, as for a full Gaussian
-        return lowrank_chunks(subspace, core, scale, start, end)
+        return subspace, core, scale
 
 
 def make_direction(config: SubZeroConfig, reshape: bool) -> Direction:
@@ -106,12 +142,16 @@ class ZOOptimizer:
         direction: the ZO method's direction generator.
         eps: perturbation scale ε.
         weight_decay: λ, applied to matrices only.
+        in_place: True to perturb the shards themselves (keeps a backup for exact restore); False for
+            the fused ± pass, where only :meth:`update_` writes and no backup is needed.
     """
 
-    def __init__(self, shards: list[ParamShard], direction: Direction, eps: float, weight_decay: float) -> None:
+    def __init__(self, shards: list[ParamShard], direction: Direction, eps: float, weight_decay: float,
+                 in_place: bool = True) -> None:
         self.shards, self.direction = shards, direction
         self.eps, self.weight_decay = eps, weight_decay
-        self._backups = [torch.empty_like(shard.local()) for shard in shards]
+        self.in_place = in_place
+        self._backups = [torch.empty_like(shard.local()) if in_place else None for shard in shards]
         self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
         self._full_backups: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
 
@@ -123,6 +163,8 @@ class ZOOptimizer:
         so no forward has to gather them again. Collective under ZeRO-3 (the first time, a
         persistent parameter that is not gathered yet is gathered to back it up).
         """
+        if not self.in_place:
+            raise RuntimeError("ZOOptimizer(in_place=False) never perturbs shards: there is nothing to save")
         for shard, backup in zip(self.shards, self._backups):
             backup.copy_(shard.local())
         not_gathered = [self.shards[i].param for i in self._persistent if self.shards[i].gathered() is None]
@@ -131,6 +173,8 @@ class ZOOptimizer:
 
     def has_stale_gathered_copies(self) -> bool:
         """True if a gathered copy exists that the writes do not reach (it must be released)."""
+        if not self.in_place:
+            return False  # update_ writes every gathered copy from itself
         return any(s.gathered() is not None and i not in self._full_backups for i, s in enumerate(self.shards))
 
     def perturb_(self, step: int, sign: float) -> None:
@@ -148,7 +192,7 @@ class ZOOptimizer:
                 gathered.copy_(backup)
 
     def update_(self, step: int, projected_grad: float, lr: float) -> None:
-        """θ ← θ − lr·(g·D_step + λ·θ), written from the backup."""
+        """θ ← θ − lr·(g·D_step + λ·θ), from the backup (in-place mode) or the shard itself (fused)."""
 
         def sgd(theta: torch.Tensor, d: torch.Tensor, shard: ParamShard) -> torch.Tensor:
             decay = self.weight_decay if shard.is_matrix else 0.0
@@ -159,11 +203,13 @@ class ZOOptimizer:
     def _write_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor]) -> None:
         with torch.no_grad():
             for index, (shard, backup) in enumerate(zip(self.shards, self._backups)):
-                self._write_range_(step, combine, shard, shard.local(), backup, shard.start, shard.end)
+                local = shard.local()
+                self._write_range_(step, combine, shard, local, local if backup is None else backup, shard.start, shard.end)
                 gathered = shard.gathered()
-                if gathered is not None and index in self._full_backups:
+                source = gathered if not self.in_place else self._full_backups.get(index)
+                if gathered is not None and source is not None and not _same_storage(gathered, local):
                     # Same elements, same arithmetic: bit-identical to what the shards now hold.
-                    self._write_range_(step, combine, shard, gathered, self._full_backups[index], 0, shard.numel)
+                    self._write_range_(step, combine, shard, gathered, source, 0, shard.numel)
 
     def _write_range_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor],
                       shard: ParamShard, target: torch.Tensor, backup: torch.Tensor, start: int, end: int) -> None:
@@ -171,3 +217,8 @@ class ZOOptimizer:
             piece = slice(lo - start, lo - start + d.numel())
             theta = backup[piece].to(torch.float32, copy=True)
             target[piece] = combine(theta, d, shard)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if ``a`` and ``b`` share memory (1 rank: DeepSpeed's gathered copy may be the shard itself)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -1,0 +1,296 @@
+"""The fused ± pass: ℓ+ and ℓ− from ONE forward over the doubled batch [B; B].
+
+Because SubZero's D = U·C·Vᵀ is low-rank (C = μ·Z), (W ± εD)x = Wx ± ε·U(C(Vᵀx)): the weights stay
+untouched and a rank-r side path adds +… to the first half of a module's output and −… to the
+second. Under ZeRO-3 every layer is then gathered once per step instead of twice, and only the
+update writes to the shards (no restore, so no half-precision restore drift).
+
+How each trainable parameter is served, decided once per model:
+
+- ``nn.Linear`` weight with a low-rank direction: side path ``± ε·((x V) Cᵀ) Uᵀ``;
+- ``nn.Embedding`` weight with a low-rank direction: side path ``± ε·(U[ids] C) Vᵀ`` (a tied
+  LM head is an ``nn.Linear`` with the same parameter, hence the same direction);
+- ``nn.Linear`` bias: ``± ε·d``, its Gaussian direction added to the output;
+- everything else (norm weights, MeZO's full-rank directions, reshaped PEFT factors, module
+  types this file does not know): *materialized per gathered layer* — the module runs twice on
+  the two halves of its input with its parameters set to θ + εD and θ − εD exactly as the
+  in-place mode would write them, then its gathered tensors are put back untouched.
+
+The loss function is not changed: :func:`half_losses` runs it twice against stand-ins for the
+model; the first run's model calls execute the real model once each on the doubled batch, and
+every call hands back the half of the output that belongs to that run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .distributed import log
+from .optimizer import Direction, LowRank
+from .shards import ParamShard
+
+
+class FusedPassError(RuntimeError):
+    """A model or loss function that the fused ± pass cannot serve (the fix: ``"fused": false``)."""
+
+
+@dataclass
+class _Served:
+    """The trainable parameters of one module and how the fused pass perturbs them."""
+
+    module: nn.Module
+    params: dict[str, ParamShard] = field(default_factory=dict)  # attribute name -> shard
+    side_path: bool = True  # False: materialize θ ± εD per half
+
+
+class FusedPass:
+    """Installs, for one step at a time, the hooks that make one forward compute ℓ+ and ℓ−.
+
+    Args:
+        model: the (DeepSpeed-wrapped) module whose forwards are fused.
+        shards: this rank's trainable shards (their full shapes and names key the directions).
+        direction: the ZO method's direction generator.
+        eps: perturbation scale ε.
+    """
+
+    def __init__(self, model: nn.Module, shards: list[ParamShard], direction: Direction, eps: float) -> None:
+        self.direction, self.eps = direction, eps
+        # Inside a materialized module each half runs alone: everything below it takes that half's sign.
+        self._sign_of_half: float | None = None
+        by_param = {id(shard.param): shard for shard in shards}
+        self.served: list[_Served] = []
+        for module in model.modules():
+            owned = {a: by_param[id(p)] for a, p in module._parameters.items() if p is not None and id(p) in by_param}
+            if owned:
+                self.served.append(_Served(module, owned, side_path=all(
+                    self._has_side_path(module, attr, shard) for attr, shard in owned.items())))
+        fallback = Counter(type(s.module).__name__ for s in self.served if not s.side_path)
+        side = sum(len(s.params) for s in self.served if s.side_path)
+        log(f"fused ± pass: {side} parameter uses served by a side path"
+            + (f"; materialized per gathered layer (in-place arithmetic on each half): "
+               + ", ".join(f"{n}×{k}" for k, n in sorted(fallback.items())) if fallback else ""))
+
+    def _has_side_path(self, module: nn.Module, attr: str, shard: ParamShard) -> bool:
+        if type(module) is nn.Linear:
+            return attr == "bias" or self.direction.has_lowrank(shard.shape)
+        if type(module) is nn.Embedding and module.max_norm is None:
+            return attr == "weight" and self.direction.has_lowrank(shard.shape)
+        return False
+
+    @contextlib.contextmanager
+    def active(self, step: int) -> Iterator[None]:
+        """Within this block, forwards over a doubled batch compute θ + εD_step on the first half
+        and θ − εD_step on the second."""
+        with contextlib.ExitStack() as stack:
+            for served in self.served:
+                if served.side_path:
+                    hook = self._side_path_hook(served, step)
+                    stack.enter_context(served.module.register_forward_hook(hook))
+                else:
+                    stack.enter_context(_replaced_forward(served.module, self._split_forward(served, step)))
+            yield
+
+    def _signs(self, rows: int, ndim: int, module: nn.Module) -> torch.Tensor | float:
+        if self._sign_of_half is not None:
+            return self._sign_of_half * self.eps
+        return _half_signs(rows, self.eps, ndim, module)
+
+    def _side_path_hook(self, served: _Served, step: int) -> Callable:
+        embedding = isinstance(served.module, nn.Embedding)
+        weight, bias = served.params.get("weight"), served.params.get("bias")
+        if weight is not None:
+            factors: LowRank = self.direction.lowrank(weight.name, weight.shape, step)
+            # Linear: x Dᵀ = ((x V) Cᵀ) Uᵀ.  Embedding: D[ids] = (U[ids] C) Vᵀ.
+            left, right = (factors.u, factors.core @ factors.v.T) if embedding else (factors.v, factors.core.T @ factors.u.T)
+        bias_direction = self.direction.full(bias.name, bias.shape, step) if bias is not None else None
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            inputs = args[0]
+            signs = self._signs(inputs.shape[0], inputs.ndim + (1 if embedding else 0), module)
+            delta = None
+            if weight is not None:
+                projected = left[inputs] if embedding else inputs.to(torch.float32) @ left
+                delta = (projected * signs) @ right
+            if bias_direction is not None:
+                delta = signs * bias_direction if delta is None else delta.add_(signs * bias_direction)
+            return output.add_(delta)  # computed in fp32, rounded once into the output's dtype
+
+        return hook
+
+    def _split_forward(self, served: _Served, step: int) -> Callable:
+        forward = served.module.forward
+
+        def split_forward(*args: Any, **kwargs: Any) -> Any:
+            params = {attr: getattr(served.module, attr) for attr in served.params}
+            gathered = {attr: p.data for attr, p in params.items()}  # what DeepSpeed gathered; put back after
+            directions = {a: self.direction.full(s.name, s.shape, step) for a, s in served.params.items()}
+
+            def run(sign: float, *args: Any, **kwargs: Any) -> Any:
+                for attr, p in params.items():
+                    theta = gathered[attr].to(torch.float32, copy=True)  # the in-place mode's arithmetic
+                    p.data = theta.add_(directions[attr].view(theta.shape), alpha=sign * self.eps).to(p.dtype)
+                outer, self._sign_of_half = self._sign_of_half, sign
+                try:
+                    return forward(*args, **kwargs)
+                finally:
+                    self._sign_of_half = outer
+
+            try:
+                if self._sign_of_half is not None:  # already one half: run once with its sign
+                    return run(self._sign_of_half, *args, **kwargs)
+                rows = _batch_rows(args, kwargs, served.module)
+                halves = [run(sign, *_half(args, rows, h), **_half(kwargs, rows, h)) for h, sign in ((0, 1.0), (1, -1.0))]
+                return _concat(halves, served.module)
+            finally:
+                for attr, p in params.items():
+                    p.data = gathered[attr]
+
+        return split_forward
+
+
+def half_losses(loss_fn: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module, batch: Any) -> tuple[float, float]:
+    """(ℓ+, ℓ−) of ``loss_fn(model, batch)`` from one model forward per model call, on the doubled batch.
+
+    ``loss_fn`` runs twice against stand-ins for ``model``. In the first run each model call runs
+    the real model once with every tensor argument doubled along dim 0; both runs get their half
+    of that output. Labels are held back from the doubled call and each half's loss is computed
+    with the model's own loss function, as its forward would.
+    """
+    cache: list[tuple[Any, Any]] = []
+    losses = []
+    for half in (0, 1):
+        stand_in = _HalfModel(model, cache, half)
+        losses.append(float(loss_fn(stand_in, batch).detach().float()))
+        if stand_in.calls != len(cache):
+            raise FusedPassError(
+                f"the loss function called the model {len(cache)} times for ℓ+ but {stand_in.calls} times for "
+                "ℓ−: the fused ± pass needs a loss function that calls the model the same way each time. "
+                'Make it deterministic, or set "fused": false in the "subzero" section.'
+            )
+    return losses[0], losses[1]
+
+
+class _HalfModel:
+    """Stands in for the model inside ``loss_fn``: one half of each fused model call's output."""
+
+    def __init__(self, model: nn.Module, cache: list[tuple[Any, Any]], half: int) -> None:
+        self._model, self._cache, self._half, self.calls = model, cache, half, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._half == 0:
+            labels = kwargs.pop("labels", None)
+            doubled = self._model(*_doubled(args), **_doubled(kwargs))
+            self._cache.append((doubled, labels))
+        elif self.calls >= len(self._cache):
+            raise FusedPassError(
+                "the loss function called the model more often for ℓ− than for ℓ+: the fused ± pass needs the "
+                'same calls each time. Make it deterministic, or set "fused": false in the "subzero" section.'
+            )
+        doubled, labels = self._cache[self.calls]
+        self.calls += 1
+        output = _take_half(doubled, self._half)
+        if labels is not None:
+            output["loss"] = _model_loss(self._model, output["logits"], labels)
+        return output
+
+    forward = __call__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def _model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss the model's forward computes from ``labels`` (causal and masked LMs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss_type = getattr(base, "loss_type", None) or "ForCausalLM"
+    if loss_type not in ("ForCausalLM", "ForMaskedLM"):
+        raise FusedPassError(
+            f"the fused ± pass computes ℓ+ and ℓ− from the logits, and knows causal- and masked-LM losses only; "
+            f"this model's loss type is {loss_type!r}. Pass `loss_fn(model, batch)` computing the loss from "
+            'the logits to subzero_ds.initialize, or set "fused": false in the "subzero" section.'
+        )
+    virtual = logits.shape[1] - labels.shape[1]  # prompt tuning prepends virtual tokens; peft pads their labels
+    if virtual > 0:
+        labels = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
+    return base.loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)
+
+
+def _doubled(values: Any) -> Any:
+    if isinstance(values, torch.Tensor):
+        return torch.cat([values, values]) if values.ndim else values
+    if isinstance(values, dict):
+        return {k: _doubled(v) for k, v in values.items()}
+    if isinstance(values, (tuple, list)):
+        return type(values)(_doubled(v) for v in values)
+    return values
+
+
+def _take_half(output: Any, half: int) -> Any:
+    if isinstance(output, torch.Tensor):
+        rows = output.shape[0] // 2 if output.ndim else 0
+        return output[half * rows : (half + 1) * rows] if output.ndim else output
+    if isinstance(output, dict):  # ModelOutput is a dict; copy it without its fused-batch loss
+        halved = type(output)(**{k: _take_half(v, half) for k, v in output.items() if k != "loss"})
+        return halved
+    if isinstance(output, (tuple, list)):
+        return type(output)(_take_half(v, half) for v in output)
+    return output
+
+
+def _half_signs(rows: int, eps: float, ndim: int, module: nn.Module) -> torch.Tensor:
+    """+ε for the first half of the rows, −ε for the second, shaped to broadcast over ``ndim`` dims."""
+    if rows % 2:
+        raise FusedPassError(
+            f"{type(module).__name__} got an input with {rows} rows in dim 0; the fused ± pass needs the doubled "
+            'batch [B; B] in dim 0 of every layer input. Set "fused": false in the "subzero" section for this model.'
+        )
+    signs = torch.full((rows,), eps, dtype=torch.float32)
+    signs[rows // 2 :] = -eps
+    return signs.view(rows, *([1] * (ndim - 1)))
+
+
+def _batch_rows(args: tuple, kwargs: dict, module: nn.Module) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim:
+            _half_signs(value.shape[0], 0.0, 1, module)  # raises unless the rows split in halves
+            return value.shape[0]
+    raise FusedPassError(f"{type(module).__name__} was called without a tensor input to split into ± halves.")
+
+
+def _half(values: Any, rows: int, half: int) -> Any:
+    if isinstance(values, torch.Tensor):
+        return values[half * rows // 2 : (half + 1) * rows // 2] if values.ndim and values.shape[0] == rows else values
+    if isinstance(values, dict):
+        return {k: _half(v, rows, half) for k, v in values.items()}
+    if isinstance(values, (tuple, list)):
+        return type(values)(_half(v, rows, half) for v in values)
+    return values
+
+
+def _concat(outputs: list[Any], module: nn.Module) -> Any:
+    first, second = outputs
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second]) if first.ndim else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([a, b], module) for a, b in zip(first, second))
+    if first is None:
+        return None
+    raise FusedPassError(
+        f"{type(module).__name__} returned {type(first).__name__}; the fused ± pass can only join tensor outputs "
+        'of a layer run on two halves. Set "fused": false in the "subzero" section for this model.'
+    )
+
+
+@contextlib.contextmanager
+def _replaced_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
+    module.forward = forward  # an instance attribute shadows the class's forward; hooks still run around it
+    try:
+        yield
+    finally:
+        del module.forward
