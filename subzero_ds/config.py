@@ -45,9 +45,17 @@ class SubZeroConfig(BaseModel):
     method: Method = Field(
         Method.SUBZERO, strict=False, description='"subzero" (low-rank subspace directions) or "mezo" (full Gaussian).'
     )
-    lr: float = Field(1e-6, ge=0.0, description="Learning rate eta, a number >= 0 (1e-6..1e-7 full FT, ~1e-4 LoRA).")
-    eps: float = Field(1e-3, gt=0.0, description="Perturbation scale epsilon, a number > 0 (1e-3 full FT, 1e-2 LoRA).")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay lambda on matrices, a number >= 0.")
+    lr: float = Field(
+        1e-6, ge=0.0, allow_inf_nan=False,
+        description="Learning rate eta, a finite number >= 0 (1e-6..1e-7 full FT, ~1e-4 LoRA).",
+    )
+    eps: float = Field(
+        1e-3, gt=0.0, allow_inf_nan=False,
+        description="Perturbation scale epsilon, a finite number > 0 (1e-3 full FT, 1e-2 LoRA).",
+    )
+    weight_decay: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="Decoupled weight decay lambda on matrices, a finite number >= 0."
+    )
     rank: int = Field(24, ge=1, description="Subspace rank r of SubZero, an integer >= 1 (8..64; 24 is common).")
     subspace_interval: int = Field(
         1000, ge=1, description="Steps F between subspace refreshes of SubZero, an integer >= 1 (1000 published)."
@@ -79,21 +87,51 @@ def load_ds_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, A
         return copy.deepcopy(dict(config))
     path = os.fspath(config)
     try:
-        with open(path) as f:
-            loaded = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise ConfigError(
             f"DeepSpeed config file {path!r} does not exist. Pass the path of a JSON file "
             f"(e.g. ds_configs/zero3_subzero.json) or a dict."
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"DeepSpeed config {path!r} is a directory. Pass the path of a JSON file in it.") from None
+    except OSError as e:
+        raise ConfigError(
+            f"DeepSpeed config file {path!r} cannot be read ({e.strerror}). Check its permissions."
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"DeepSpeed config file {path!r} is not UTF-8 text (byte {e.start}): pass a JSON file, saved as UTF-8."
         ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"DeepSpeed config file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. "
             "Fix the JSON syntax there."
         ) from None
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"DeepSpeed config file {path!r} sets {e.args[0]!r} twice in the same object; JSON would silently keep "
+            "the last one. Remove one of them."
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"DeepSpeed config file {path!r} is nested too deeply to be a DeepSpeed config.") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"DeepSpeed config file {path!r} must hold a JSON object, got {type(loaded).__name__}.")
     return loaded
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def parse_config(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> SubZeroConfig:
@@ -127,6 +165,61 @@ def parse_config(ds_config: Mapping[str, Any], source: str = "the DeepSpeed conf
     return settings
 
 
+def check_deepspeed_accepts(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> None:
+    """Run DeepSpeed's own config parser over everything but our section, before anything is loaded.
+
+    DeepSpeed would otherwise reject a bad value (a misspelt ``zero_optimization`` key, an unknown
+    offload device) only inside ``deepspeed.initialize``, with an assertion or a traceback, after the
+    model was loaded. The batch-size arithmetic depends on the world size, unknown before the process
+    group exists, so ``train_batch_size`` and ``gradient_accumulation_steps`` are left to
+    :func:`parse_config` here.
+
+    Raises:
+        ConfigError: naming the setting DeepSpeed rejects and its value.
+    """
+    import deepspeed.utils
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    section = copy.deepcopy(deepspeed_section(ds_config))
+    section.pop("train_batch_size", None)
+    section.pop("gradient_accumulation_steps", None)
+    section.setdefault("train_micro_batch_size_per_gpu", 1)
+    level = deepspeed.utils.logger.level
+    deepspeed.utils.logger.setLevel("WARNING")  # it logs its world size at INFO
+    try:
+        DeepSpeedConfig(section)
+    except ValidationError as e:
+        prefix = _DEEPSPEED_SECTIONS.get(e.title, e.title)
+        problems = [f"`{'.'.join([*filter(None, [prefix]), *map(str, err['loc'])])}`: {err['msg'].lower()}, "
+                    f"got {_shown(err['input'])}." for err in e.errors()]
+    except (AssertionError, ValueError, TypeError, KeyError, AttributeError) as e:
+        problems = [f"{type(e).__name__}: {_shown(str(e), 300)}"]
+    else:
+        return
+    finally:
+        deepspeed.utils.logger.setLevel(level)
+    listing = "\n".join(f"  - {p}" for p in problems)
+    raise ConfigError(
+        f"DeepSpeed rejects {source}:\n{listing}\nFix these settings "
+        "(the keys are described at https://www.deepspeed.ai/docs/config-json/)."
+    )
+
+
+# Titles of DeepSpeed's pydantic config models -> the config key each one reads.
+_DEEPSPEED_SECTIONS = {
+    "DeepSpeedZeroConfig": "zero_optimization",
+    "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+    "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+    "DeepSpeedBF16Config": "bf16",
+    "DeepSpeedFP16Config": "fp16",
+    "DeepSpeedMonitorConfig": "",  # its errors name the monitor ("tensorboard.…") themselves
+    "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing",
+    "DeepSpeedFlopsProfilerConfig": "flops_profiler",
+    "CommsConfig": "comms_logger",
+    "DeepSpeedAIOConfig": "aio",
+}
+
+
 def zero_stage(ds_config: Mapping[str, Any]) -> int:
     """The ZeRO stage a DeepSpeed config asks for (0 when there is no zero_optimization block)."""
     zero = ds_config.get("zero_optimization") or {}
@@ -143,10 +236,16 @@ def _describe(err: Mapping[str, Any]) -> str:
     key = f"{SECTION}.{location}"
     if err["type"] == "extra_forbidden":
         known = ", ".join(SubZeroConfig.model_fields)
-        return f"`{key}` is not a known setting (got {err['input']!r}). Remove it; known settings: {known}."
+        return f"`{key}` is not a known setting (got {_shown(err['input'])}). Remove it; known settings: {known}."
     field = SubZeroConfig.model_fields.get(str(err["loc"][0]))
     fix = field.description if field is not None else ""
-    return f"`{key}`: {err['msg'].lower()}, got {err['input']!r}. Expected: {fix}"
+    return f"`{key}`: {err['msg'].lower()}, got {_shown(err['input'])}. Expected: {fix}"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut short so that one huge value cannot bury the rest of the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _deepspeed_problems(ds_config: Mapping[str, Any]) -> list[str]:
@@ -162,18 +261,32 @@ def _deepspeed_problems(ds_config: Mapping[str, Any]) -> list[str]:
             "`scheduler` is set, but DeepSpeed schedulers drive a DeepSpeed optimizer, which ZO training does "
             f"not have. Remove the `scheduler` block; the learning rate is `{SECTION}.lr`."
         )
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size"):
+        value = ds_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"`{key}` must be an integer >= 1, got {_shown(value)}. Set a positive batch size.")
+    for key in ("bf16", "fp16"):
+        value = ds_config.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            problems.append(f'`{key}` must be a JSON object such as {{"enabled": true}}, got {_shown(value)}.')
     zero = ds_config.get("zero_optimization", {})
     if not isinstance(zero, Mapping):
-        problems.append(f"`zero_optimization` must be a JSON object, got {zero!r}.")
+        problems.append(f"`zero_optimization` must be a JSON object, got {_shown(zero)}.")
         return problems
     stage = zero.get("stage", 0)
-    if stage not in SUPPORTED_ZERO_STAGES:
+    if isinstance(stage, bool) or stage not in SUPPORTED_ZERO_STAGES:
         problems.append(
-            f"`zero_optimization.stage` is {stage!r}, which partitions optimizer state or gradients that ZO "
+            f"`zero_optimization.stage` is {_shown(stage)}, which partitions optimizer state or gradients that ZO "
             "training does not have. Use 3 (partitioned parameters, the scalable path) or 0."
         )
     elif stage == 0 and zero.get("offload_param"):
         problems.append("`zero_optimization.offload_param` needs stage 3. Set `zero_optimization.stage` to 3.")
+    offload = zero.get("offload_param")
+    if isinstance(offload, Mapping) and offload.get("device") == "nvme" and not offload.get("nvme_path"):
+        problems.append(
+            "`zero_optimization.offload_param.device` is \"nvme\" but `zero_optimization.offload_param.nvme_path` "
+            "is not set. Set it to a directory on the NVMe drive."
+        )
     if zero.get("offload_optimizer"):
         problems.append(
             "`zero_optimization.offload_optimizer` is set, but there is no optimizer state to offload. "
@@ -182,7 +295,7 @@ def _deepspeed_problems(ds_config: Mapping[str, Any]) -> list[str]:
     accumulation = ds_config.get("gradient_accumulation_steps", 1)
     if accumulation not in (1, "auto"):
         problems.append(
-            f"`gradient_accumulation_steps` is {accumulation!r}; a ZO step uses one micro-batch and "
+            f"`gradient_accumulation_steps` is {_shown(accumulation)}; a ZO step uses one micro-batch and "
             "accumulates nothing. Set it to 1 and raise the micro-batch size instead."
         )
     return problems

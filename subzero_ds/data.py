@@ -38,28 +38,55 @@ class SampleEncoder:
     _warned: bool = False
 
     def pair(self, prompt: str, continuation: str) -> tuple[list[int], int]:
-        """Token ids of ``prompt + continuation`` and the index where the continuation starts."""
-        if self.masked_lm:
-            prompt_ids = self.tokenizer(prompt + self.tokenizer.mask_token, add_special_tokens=True)["input_ids"]
-            continuation_ids = []
-        else:
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            if prompt_ids and prompt_ids[-1] == self.tokenizer.eos_token_id and self.tokenizer.eos_token_id != self.tokenizer.bos_token_id:
-                prompt_ids = prompt_ids[:-1]  # tokenizers that append </s> would put it before the answer
-            continuation_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        """Token ids of ``prompt + continuation`` and the index where the continuation starts.
+
+        Raises:
+            DataError: the example is longer than ``max_length`` and truncation is off, or even
+                the whole prompt would not make room for it.
+        """
+        prompt_ids, continuation_ids = self._ids(prompt, continuation)
         overflow = len(prompt_ids) + len(continuation_ids) - self.max_length
         if overflow > 0:
-            if not self.truncate:
-                raise DataError(
-                    f"an example is {len(prompt_ids) + len(continuation_ids)} tokens, over --max_length "
-                    f"{self.max_length}: raise --max_length or allow truncation. Prompt starts: {prompt[:80]!r}"
-                )
-            if not self._warned:
-                logger.warning(f"truncating prompts longer than --max_length {self.max_length} from the left")
-                self._warned = True
-            keep_head = 1 if prompt_ids and prompt_ids[0] == self.tokenizer.bos_token_id else 0
-            prompt_ids = prompt_ids[:keep_head] + prompt_ids[keep_head + overflow :]
+            prompt_ids = self._cut(prompt_ids, len(continuation_ids), overflow, prompt)
         return prompt_ids + continuation_ids, len(prompt_ids)
+
+    def length(self, prompt: str, continuation: str) -> int:
+        """Tokens in ``prompt + continuation`` before any truncation."""
+        prompt_ids, continuation_ids = self._ids(prompt, continuation)
+        return len(prompt_ids) + len(continuation_ids)
+
+    def _ids(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+        if self.masked_lm:
+            return self.tokenizer(prompt + self.tokenizer.mask_token, add_special_tokens=True)["input_ids"], []
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if prompt_ids and prompt_ids[-1] == self.tokenizer.eos_token_id and self.tokenizer.eos_token_id != self.tokenizer.bos_token_id:
+            prompt_ids = prompt_ids[:-1]  # tokenizers that append </s> would put it before the answer
+        return prompt_ids, self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+    def _cut(self, prompt_ids: list[int], continuation_length: int, overflow: int, prompt: str) -> list[int]:
+        """Drop ``overflow`` prompt tokens after the start token, keeping a masked LM's mask and end tokens."""
+        total = len(prompt_ids) + continuation_length
+        if not self.truncate:
+            raise DataError(
+                f"an example is {total} tokens, over --max_length {self.max_length}: raise --max_length, or leave "
+                f"out --no_truncation to cut over-long prompts from the left. Prompt starts: {prompt[:80]!r}"
+            )
+        head = 1 if prompt_ids and prompt_ids[0] == self.tokenizer.bos_token_id else 0
+        if self.masked_lm and self.tokenizer.mask_token_id in prompt_ids:
+            tail = prompt_ids[::-1].index(self.tokenizer.mask_token_id) + 1  # the mask and what follows it
+        else:
+            tail = 0 if head else 1  # a causal LM needs one prompt token to predict the answer's first
+        if overflow > len(prompt_ids) - head - tail:
+            raise DataError(
+                f"an example is {total} tokens and cannot be cut to --max_length {self.max_length}: its answer and "
+                f"special tokens alone take {total - len(prompt_ids) + head + tail}. Raise --max_length, or shorten "
+                f"that example's answer. Prompt starts: {prompt[:80]!r}"
+            )
+        if not self._warned:
+            logger.warning(f"truncating prompts longer than --max_length {self.max_length} from the left "
+                           "(pass --no_truncation to reject such examples instead)")
+            self._warned = True
+        return prompt_ids[:head] + prompt_ids[head + overflow :]
 
     @property
     def pad_id(self) -> int:
@@ -76,6 +103,54 @@ class SampleEncoder:
                 "the mask. Choose single-token label words."
             )
         return ids[0]
+
+
+def check_examples(samples: Sequence[Sample], encoder: SampleEncoder, split: str, *, generate: bool = False) -> int:
+    """Encode every sample once, before training, so that an unusable one stops the run up front.
+
+    An over-long example would otherwise be found only when a batch first holds it: possibly hours
+    into the run, after outputs were written. Over-long examples are counted and reported in one
+    warning when the encoder truncates, and rejected (naming the first) when it does not. A masked
+    LM's label words must each be one token.
+
+    Args:
+        samples: the split's samples.
+        encoder: the encoder training and evaluation use.
+        split: the split's name for messages ("training", "evaluation", ...).
+        generate: generation samples are prompted without their answer (evaluation).
+
+    Returns:
+        How many samples are longer than ``encoder.max_length`` (and will be truncated).
+
+    Raises:
+        DataError: naming the split and the example's position, length and prompt.
+    """
+    over_long = 0
+    for index, sample in enumerate(samples):
+        if encoder.masked_lm:
+            continuations = [""]
+            for candidate in sample.candidates:
+                encoder.label_word_id(candidate)
+        elif sample.candidates:
+            continuations = list(sample.candidates)
+        else:
+            continuations = [""] if generate else [sample.target]
+        too_long = [c for c in continuations if encoder.length(sample.prompt, c) > encoder.max_length]
+        over_long += bool(too_long)
+        warned, encoder._warned = encoder._warned, True  # one summary warning below, not one per example
+        try:
+            for continuation in too_long:
+                encoder.pair(sample.prompt, continuation)  # raises when it cannot (or may not) be cut
+        except DataError as error:
+            raise DataError(f"{split} example {index + 1} of {len(samples)}: {error}") from None
+        finally:
+            encoder._warned = warned
+    if over_long:
+        logger.warning(f"{over_long} of {len(samples)} {split} examples are longer than --max_length "
+                       f"{encoder.max_length} tokens: their prompts are cut from the left (raise --max_length, or "
+                       "pass --no_truncation to reject them instead)")
+        encoder._warned = True
+    return over_long
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

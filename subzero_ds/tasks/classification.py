@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from ..distributed import log
-from .base import HubSource, Sample, Task, TaskKind, field, label_index, text
+from .base import DataError, HubSource, Sample, Task, TaskKind, field, label_index, text
 
 SUPERGLUE_FILES = MappingProxyType({
     "train": ("train.jsonl",),
@@ -79,8 +79,12 @@ class SST2(LabelTask):
 
 
 def _has_column(tsv: Path, column: str) -> bool:
-    with tsv.open(newline="", encoding="utf-8-sig") as handle:
-        header = next(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+    try:
+        with tsv.open(newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{tsv} cannot be read as a .tsv file ({error}): re-save it as UTF-8 text "
+                        "with a header row") from None
     return column in header
 
 

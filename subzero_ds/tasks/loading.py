@@ -16,6 +16,9 @@ from ..distributed import log
 from .base import FILE_FORMATS, SPLITS, DataError, Sample, Task
 
 
+_LONGEST_CELL = 2**31 - 1  # csv's field size limit is a C long; this fits on every platform
+
+
 class _Row(NamedTuple):
     number: int  # 1-based position among the source's rows
     line: int | None  # 1-based line in a text file, where it differs from `number`
@@ -82,6 +85,27 @@ def load_samples(
     return samples
 
 
+def find_local_file(task: Task, split: str, *, data_dir: str | Path | None = None,
+                    file: str | Path | None = None) -> Path | None:
+    """The local file `load_samples` would read for ``split``, checked without reading it; None: the hub.
+
+    Lets a caller reject a wrong path before anything slow (loading a model) starts.
+
+    Raises:
+        DataError: the file is missing, a directory or of an unsupported type; ``data_dir`` holds no
+            file for the split; or there is no local source and the task has no hub dataset.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if file is not None:
+        return _checked_file(Path(file), f"--{split}_file")
+    if data_dir is not None:
+        return _find_in_directory(task, split, Path(data_dir))
+    if task.hub is None:
+        raise DataError(f"task {task.name!r} has no hub dataset: pass --data_dir DIR or --{split}_file FILE")
+    return None
+
+
 def _to_samples(task: Task, row: _Row, source: Path | str) -> list[Sample]:
     where = f"{source}, row {row.number}" + (f" (line {row.line})" if row.line not in (None, row.number) else "")
     if not isinstance(row.data, dict):
@@ -98,7 +122,7 @@ def _to_samples(task: Task, row: _Row, source: Path | str) -> list[Sample]:
             f"{where}: missing field `{name}` (the row has {found}){header}. Every {task.name} row needs "
             f"`{name}`: add it, or check that the task ({task.name}) matches this file."
         ) from None
-    except (ValueError, TypeError, AttributeError) as error:  # a value of the wrong kind, e.g. a number for a list
+    except (ValueError, TypeError, AttributeError, IndexError) as error:  # a value of the wrong kind
         raise DataError(
             f"{where}: {error}. Fix or remove this row, or check that the task ({task.name}) matches this file."
         ) from None
@@ -141,6 +165,8 @@ def _read_file(path: Path, task: Task) -> list[_Row]:
         return _read_parquet(path)
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text ({error}): re-save it as UTF-8") from None
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror or error}): check its permissions") from None
 
 
 def _read_json(path: Path, task: Task) -> list[_Row]:
@@ -176,12 +202,17 @@ def _read_json(path: Path, task: Task) -> list[_Row]:
 def _read_table(path: Path, delimiter: str) -> list[_Row]:
     # GLUE's .tsv files are not quoted: a '"' inside a sentence is just a character.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    csv.field_size_limit(_LONGEST_CELL)  # the default (128 KiB) is shorter than some passages
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         rows = []
-        for number, record in enumerate(reader, 1):
-            record.pop(None, None)  # cells beyond the header
-            rows.append(_Row(number, reader.line_num, record))
+        try:
+            for number, record in enumerate(reader, 1):
+                record.pop(None, None)  # cells beyond the header
+                rows.append(_Row(number, reader.line_num, record))
+        except csv.Error as error:
+            raise DataError(f"{path}, line {reader.line_num}: not a valid {path.suffix} row ({error}): fix the "
+                            "quoting on that line, or re-export the file") from None
     return rows
 
 
