@@ -70,6 +70,11 @@ class FusedPass:
             if owned:
                 self.served.append(_Served(module, owned, side_path=all(
                     self._has_side_path(module, attr, shard) for attr, shard in owned.items())))
+        # peft's prompt tuning embeds the prompt once (1 row) and repeats it over the batch: build the
+        # ± prompts for [B; B] as two half-batch calls instead.
+        config = getattr(model, "active_peft_config", None)
+        self._split_get_prompt = getattr(getattr(config, "peft_type", None), "value", None) == "PROMPT_TUNING"
+        self.model = model
         fallback = Counter(type(s.module).__name__ for s in self.served if not s.side_path)
         side = sum(len(s.params) for s in self.served if s.side_path)
         log(f"fused ± pass: {side} parameter uses served by a side path"
@@ -94,7 +99,24 @@ class FusedPass:
                     stack.enter_context(served.module.register_forward_hook(hook))
                 else:
                     stack.enter_context(_replaced_forward(served.module, self._split_forward(served, step)))
+            if self._split_get_prompt:
+                stack.enter_context(_replaced_forward(self.model, self._split_get_prompt_fn(), "get_prompt"))
             yield
+
+    def _split_get_prompt_fn(self) -> Callable:
+        get_prompt = self.model.get_prompt
+
+        def split_get_prompt(batch_size: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+            halves = []
+            for sign in (1.0, -1.0):
+                outer, self._sign_of_half = self._sign_of_half, sign
+                try:
+                    halves.append(get_prompt(batch_size // 2, *args, **kwargs))
+                finally:
+                    self._sign_of_half = outer
+            return torch.cat(halves)
+
+        return split_get_prompt
 
     def _signs(self, rows: int, ndim: int, module: nn.Module) -> torch.Tensor | float:
         if self._sign_of_half is not None:
@@ -288,9 +310,9 @@ def _concat(outputs: list[Any], module: nn.Module) -> Any:
 
 
 @contextlib.contextmanager
-def _replaced_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
-    module.forward = forward  # an instance attribute shadows the class's forward; hooks still run around it
+def _replaced_forward(module: nn.Module, forward: Callable, name: str = "forward") -> Iterator[None]:
+    setattr(module, name, forward)  # an instance attribute shadows the class's method; hooks still run around it
     try:
         yield
     finally:
-        del module.forward
+        delattr(module, name)
