@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 from ..distributed import log
 from .base import FILE_FORMATS, SPLITS, DataError, Sample, Task
 
-
 _LONGEST_CELL = 2**31 - 1  # csv's field size limit is a C long; this fits on every platform
 
 
