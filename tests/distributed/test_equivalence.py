@@ -7,6 +7,7 @@ import torch
 
 from launch import REPO, run
 from trajectory import CASES
+from trajectory_compare import assert_same_trajectory
 
 pytestmark = pytest.mark.distributed
 SCRIPT = str(REPO / "tests" / "distributed" / "trajectory.py")
@@ -29,15 +30,6 @@ def one_rank(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks_deepspeed(tmp_path_factory):
     return trajectories(tmp_path_factory, "deepspeed", 2)
-
-
-def assert_same_trajectory(reference: dict, other: dict) -> None:
-    torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
-    assert reference["state"].keys() == other["state"].keys()
-    differences = {name: (other["state"][name] - t).abs().max().item() for name, t in reference["state"].items()}
-    worst = max(differences, key=differences.get)
-    print(f"max abs parameter difference {differences[worst]:.2e} ({worst})")
-    assert differences[worst] <= 1e-5, f"{worst}: max abs difference {differences[worst]}"
 
 
 @pytest.mark.parametrize("case", list(CASES))
