@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -139,6 +139,16 @@ def sum_over_ranks(*values: float) -> list[float]:
     if get_world_size_and_rank()[0] > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return packed.tolist()
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (a list of one without a process group)."""
+    world_size, _ = get_world_size_and_rank()
+    if world_size == 1 or not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def disagreements(values: Mapping[str, int]) -> list[str]:

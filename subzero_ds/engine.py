@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -12,12 +13,16 @@ from torch import nn
 
 from .config import SubZeroConfig
 from .distributed import log, mean_over_ranks
+from .checkpoint import MANIFEST, CheckpointError, latest_checkpoint, load_sharded, read_manifest, read_range
+from .checkpoint import save_sharded
 from .export import save_hf_weights
 from .fused import FusedPass, half_losses
 from .optimizer import ZOOptimizer
 from .shards import ParamShard
 
 Batch = Mapping[str, Any]
+# Settings a resumed run must share with the checkpoint: they (with the step) define every direction.
+DIRECTION_SETTINGS = ("method", "seed", "rank", "subspace_interval", "reshape")
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
@@ -106,6 +111,56 @@ class SubZeroEngine:
         self._release_stale_copies()
         self.global_step += 1
         return StepResult(step, loss_pos, loss_neg, projected_grad, lr, skipped)
+
+    def save_checkpoint(self, root: str | os.PathLike, extra: Mapping[str, Any] | None = None,
+                        keep_last: int | None = None) -> Path:
+        """Write ``<root>/checkpoint-<global_step>`` atomically (each rank its shards). Call on every rank.
+
+        Args:
+            root: directory of checkpoints, shared by all ranks.
+            extra: the caller's JSON-serializable state to restore with it (e.g. the data position).
+            keep_last: keep only the newest ``keep_last`` checkpoints under ``root``.
+
+        Returns:
+            The checkpoint directory.
+        """
+        state = {"seed": self.config.seed, "settings": self.config.model_dump(mode="json"),
+                 "consecutive_skips": self.consecutive_skips}
+        return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Continue from the checkpoint at ``path`` (a ``checkpoint-<step>`` directory, or a directory of
+        them: the newest complete one). Any world size. Call on every rank.
+
+        Returns:
+            The ``extra`` state saved with it.
+
+        Raises:
+            CheckpointError: missing/corrupt checkpoint, another model, or settings that change the directions.
+        """
+        path = Path(path)
+        if not (path / MANIFEST).is_file() and latest_checkpoint(path) is not None:
+            path = latest_checkpoint(path)
+        manifest = read_manifest(path)
+        saved = manifest.state["settings"]
+        ours = self.config.model_dump(mode="json")
+        changed = [k for k in DIRECTION_SETTINGS if saved.get(k) != ours.get(k)]
+        if changed:
+            raise CheckpointError(
+                f"the checkpoint {path} was written with " + ", ".join(f"subzero.{k}={saved.get(k)!r}" for k in changed)
+                + " but this run has " + ", ".join(f"{ours.get(k)!r}" for k in changed) + ": those settings define "
+                "every direction, so the resumed run would not continue the same trajectory. Use the same values."
+            )
+        load_sharded(path, self.shards)
+        with torch.no_grad():  # DeepSpeed never re-reads the shard of a parameter it keeps gathered
+            for shard in self.shards:
+                gathered = shard.gathered()
+                if gathered is not None:
+                    gathered.copy_(read_range(path, manifest, shard.name, 0, shard.numel).to(gathered.dtype))
+        self.global_step = manifest.step
+        self.consecutive_skips = int(manifest.state.get("consecutive_skips", 0))
+        log(f"resumed from {path} at step {manifest.step} (written by {manifest.world_size} ranks)")
+        return manifest.extra
 
     def _in_place_losses(self, batch: Batch, step: int) -> tuple[float, float]:
         """ℓ+, ℓ− from two forwards with the shards perturbed in place (restored exactly on a skip)."""
