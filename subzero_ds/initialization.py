@@ -53,12 +53,12 @@ def initialize(
 
     init_distributed()
     fingerprint = stable_seed(json.dumps(ds_config, sort_keys=True, default=str))
-    differing = disagreements({"subzero.seed": settings.seed, "config": fingerprint})
+    differing = disagreements({"subzero.seed": settings.seed, "config": fingerprint, "model": model_fingerprint(model)})
     if differing:
         raise ConfigError(
-            f"ranks disagree on {', '.join(differing)}: every rank must use the same run seed and the same "
-            "DeepSpeed config, or their directions differ and training is silently wrong. Pass the same "
-            "config file (and seed) to every rank."
+            f"ranks disagree on {', '.join(differing)}: every rank must use the same run seed, the same "
+            "DeepSpeed config and the same model (architecture, trainable parameters, dtypes), or their "
+            "directions differ and training is silently wrong. Pass the same config file, seed and model to every rank."
         )
 
     ds_config = deepspeed_section(ds_config)
@@ -80,3 +80,11 @@ def initialize(
         f"{'fused ± pass' if settings.fused else 'in-place ± passes'}"
     )
     return SubZeroEngine(ds_engine, settings, optimizer, loss_fn)
+
+
+def model_fingerprint(model: nn.Module) -> int:
+    """A hash of the model's parameter names, full shapes, dtypes and trainability (not its values)."""
+    return stable_seed(*(
+        (name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype), p.requires_grad)
+        for name, p in model.named_parameters()
+    ))

@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,15 @@ from tqdm import tqdm
 
 import subzero_ds
 from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter, is_peft_model, merge_adapter, save_adapter
+from subzero_ds.checkpoint import CheckpointError, latest_checkpoint
 from subzero_ds.config import (ConfigError, check_deepspeed_accepts, deepspeed_section, load_ds_config, parse_config,
                                zero_stage)
 from subzero_ds.data import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
-from subzero_ds.distributed import (barrier, exit_process, get_world_size_and_rank, init_distributed,
+from subzero_ds.distributed import (barrier, disagreements, exit_process, get_world_size_and_rank, init_distributed,
                                     is_local_main_process, is_main_process, log)
+from subzero_ds.engine import NonFiniteLossError
 from subzero_ds.evaluation import evaluate_task
+from subzero_ds.perturbation import stable_seed
 from subzero_ds.tasks import TASK_NAMES, DataError, Sample, TaskKind, find_local_file, get_task, load_samples
 
 DEFAULT_CONFIG = {
@@ -83,7 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_batch_size", type=int, default=8, help="Sequences per evaluation forward pass per rank.")
     p.add_argument("--eval_steps", type=int, default=0, help="Evaluate on the dev set (or eval set) every N steps; 0 = only at the end.")
     p.add_argument("--log_steps", type=int, default=10, help="Write a metrics.jsonl row every N steps.")
-    p.add_argument("--save_steps", type=int, default=0, help="Save Hugging Face weights to checkpoint-<step>/ every N steps; 0 = never.")
+    p.add_argument("--save_steps", type=int, default=0,
+                   help="Write a resumable sharded checkpoint to <output_dir>/checkpoints/checkpoint-<step>/ every N steps; 0 = never.")
+    p.add_argument("--save_total_limit", type=int, default=3, help="Keep only the newest N checkpoints.")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="Continue from a checkpoint directory, or (no value) from the newest one in <output_dir>/checkpoints.")
     p.add_argument("--max_length", type=int, default=256, help="Longest tokenized example; longer prompts lose their start.")
     p.add_argument("--no_truncation", action="store_true", help="Reject over-long examples instead of truncating them.")
     p.add_argument("--max_new_tokens", type=int, default=32, help="Greedy decoding length for SQuAD/DROP.")
@@ -109,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 _LOWEST = {
     "max_steps": 1, "per_device_batch_size": 1, "eval_batch_size": 1, "log_steps": 1, "max_length": 1,
     "max_new_tokens": 1, "lora_r": 1, "lora_alpha": 1, "num_virtual_tokens": 1,
-    "num_train": 0, "num_dev": 0, "num_eval": 0, "eval_steps": 0, "save_steps": 0, "seed": 0,
+    "num_train": 0, "num_dev": 0, "num_eval": 0, "eval_steps": 0, "save_steps": 0, "seed": 0, "save_total_limit": 1,
 }
 # Model types whose learned position table ends at max_position_embeddings (minus RoBERTa's padding offset).
 _LEARNED_POSITIONS = {"opt": 0, "gpt2": 0, "bert": 0, "distilbert": 0, "electra": 0, "roberta": 2, "xlm-roberta": 2,
@@ -261,8 +269,16 @@ def load_data(args: argparse.Namespace, task) -> tuple[list[Sample], list[Sample
 class MetricsLog:
     """metrics.jsonl (rank 0) plus DeepSpeed's own monitors (TensorBoard/CSV/W&B) when configured."""
 
-    def __init__(self, path: Path, monitor: Any) -> None:
-        self.file = open(path, "w") if is_main_process() else None
+    def __init__(self, path: Path, monitor: Any, after_step: int | None = None) -> None:
+        """``after_step``: a resumed run keeps the rows up to that step and appends (later rows were
+        written by the interrupted run after its last checkpoint, and are recomputed identically)."""
+        self.file = None
+        if is_main_process():
+            kept = []
+            if after_step is not None and path.exists():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
+            self.file = open(path, "w")
+            self.file.write("".join(line + "\n" for line in kept))
         self.monitor = monitor if getattr(monitor, "enabled", False) else None
 
     def write(self, row: dict[str, Any]) -> None:
@@ -327,22 +343,37 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     del hf_zero3
     per_device = args.per_device_batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
     batches = TaskBatches(train_samples, per_device * world_size, args.seed)
+    data = {"data_fingerprint": data_fingerprint(train_samples), "data_seed": args.seed,
+            "global_batch": per_device * world_size}
+    differing = disagreements({"training data": data["data_fingerprint"]})
+    if differing:
+        raise DataError("ranks disagree on the training data (different files or --seed/--num_train per rank): "
+                        "every rank must read the same data, or the run is silently wrong. Pass the same arguments.")
+    checkpoints = args.output_dir / "checkpoints"
+    resumed = resume(engine, args.resume, checkpoints, data) if args.resume else None
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(args.output_dir / "metrics.jsonl", engine.ds_engine.monitor)
+    metrics = MetricsLog(args.output_dir / "metrics.jsonl", engine.ds_engine.monitor,
+                         after_step=engine.global_step if resumed is not None else None)
 
     def evaluate(samples: list[Sample]) -> dict[str, float]:
         return evaluate_task(engine.module, task, samples, encoder, args.eval_batch_size, args.max_new_tokens)
 
     log(f"task {task.name}: {len(train_samples)} train, {len(dev_samples)} dev, {len(eval_samples)} eval examples; "
         f"{world_size} rank(s) x {per_device} per step")
-    zero_shot = evaluate(eval_samples)
-    metrics.write({"step": 0, **{f"eval_{k}": v for k, v in zero_shot.items()}})
-    log(f"zero-shot {task.metric}: {zero_shot[task.metric]:.4f}")
+    if resumed is None:
+        zero_shot = evaluate(eval_samples)
+        metrics.write({"step": 0, **{f"eval_{k}": v for k, v in zero_shot.items()}})
+        log(f"zero-shot {task.metric}: {zero_shot[task.metric]:.4f}")
+    else:
+        zero_shot = resumed["zero_shot"]
+    first_step = engine.global_step + 1
+    saved_state = {**data, "zero_shot": zero_shot, "model_name_or_path": model_path, "tuning": args.tuning,
+                   "adapter": asdict(options), "masked_lm": masked_lm}
 
-    progress = tqdm(total=args.max_steps, desc="ZO steps", disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=args.max_steps, initial=first_step - 1, desc="ZO steps", disable=rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
     window_start, window_tokens = started, 0
-    for step in range(1, args.max_steps + 1):
+    for step in range(first_step, args.max_steps + 1):
         samples = batches.at(step - 1)[rank * per_device : (rank + 1) * per_device]
         batch = make_batch(samples, encoder)
         result = engine.step(batch)
@@ -361,9 +392,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             scores = evaluate(dev_samples or eval_samples)
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in scores.items()}})
         if args.save_steps and step % args.save_steps == 0:
-            save_model(engine, args.output_dir / f"checkpoint-{step}")
+            engine.save_checkpoint(checkpoints, extra=saved_state, keep_last=args.save_total_limit)
     progress.close()
     train_seconds = time.perf_counter() - started
+    trained_steps = max(1, args.max_steps - first_step + 1)
 
     final = evaluate(eval_samples)
     metrics.write({"step": args.max_steps, **{f"eval_{k}": v for k, v in final.items()}})
@@ -374,12 +406,34 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             tokenizer.save_pretrained(args.output_dir / "final" / "merged")
     results = {"task": task.name, "model": args.model_name_or_path, "world_size": world_size,
                "steps": args.max_steps, "num_eval": len(eval_samples), "zero_shot": zero_shot, "final": final,
-               "train_seconds": train_seconds}
+               "train_seconds": train_seconds, "trained_steps": trained_steps}
     if is_main_process():
         tokenizer.save_pretrained(args.output_dir / "final")
         (args.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
     _print_summary(results, task.metric)
     return results
+
+
+def data_fingerprint(samples: list[Sample]) -> int:
+    """A hash of the training examples in order: ranks and resumed runs must agree on it."""
+    return stable_seed(*(repr(sample) for sample in samples))
+
+
+def resume(engine, checkpoint: str, root: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Load ``checkpoint`` ("auto": the newest under ``root``) and check it continues this run's data."""
+    path = root if checkpoint == "auto" else Path(checkpoint)
+    if checkpoint == "auto" and latest_checkpoint(root) is None:
+        raise CheckpointError(f"--resume found no complete checkpoint in {root}: train with --save_steps N first, "
+                              "or pass the checkpoint directory (--resume PATH)")
+    saved = engine.load_checkpoint(path)
+    changed = [k for k in data if saved.get(k) != data[k]]
+    if changed:
+        raise CheckpointError(
+            f"the checkpoint was written for other training data ({', '.join(changed)} differ): the resumed run would "
+            "not see the batches the interrupted one would have. Resume with the same data files, --seed, "
+            "--num_train/--num_dev, --per_device_batch_size and number of ranks × batch."
+        )
+    return saved
 
 
 def save_model(engine, path: Path) -> None:
@@ -395,13 +449,13 @@ def _print_summary(results: dict[str, Any], metric: str) -> None:
             ("ZO steps", results["steps"]), ("eval examples", results["num_eval"]),
             (f"zero-shot {metric}", f"{results['zero_shot'][metric]:.4f}"),
             (f"final {metric}", f"{results['final'][metric]:.4f}"),
-            ("train time", f"{results['train_seconds']:.0f} s ({results['train_seconds'] / results['steps']:.2f} s/step)")]
+            ("train time", f"{results['train_seconds']:.0f} s ({results['train_seconds'] / results['trained_steps']:.2f} s/step)")]
     width = max(len(k) for k, _ in rows)
     log("\n".join(["", "=" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows] + ["=" * (width + 30)]))
 
 
 # Mistakes a user fixes by changing an argument, a config or a file: reported in one paragraph, exit code 2.
-USER_ERRORS = (UsageError, ConfigError, DataError, OSError)
+USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError)
 
 
 def main(argv: list[str] | None = None) -> None:
