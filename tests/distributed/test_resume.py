@@ -105,3 +105,15 @@ def test_resume_with_other_data_is_refused(workspace, uninterrupted):
     finished = run("python", 1, *train_args(workspace, output, 4, "--resume", str(checkpoint), "--seed", "3"))
     assert finished.returncode == 2
     assert "other training data" in finished.stderr and "Traceback" not in finished.stderr
+
+
+def test_a_checkpoint_exports_offline_to_the_final_model(workspace, uninterrupted, tmp_path):
+    from subzero_ds.checkpoint_export import main as export_main
+    from transformers import AutoModelForCausalLM
+
+    export_main([str(uninterrupted / "checkpoints"), str(tmp_path / "hf")])  # the newest: step 40, the final one
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    reference = final_weights(uninterrupted)
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -118,3 +118,27 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert engine.global_step == 2
     manifest = json.loads((root / "checkpoint-2" / "manifest.json").read_text())
     assert manifest["world_size"] == 1 and manifest["state"]["seed"] == 7
+
+
+def test_a_lora_checkpoint_exports_offline_as_an_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter
+    from subzero_ds.checkpoint_export import export_checkpoint
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    options = AdapterOptions()
+    model = add_adapter(AutoModelForCausalLM.from_pretrained(base), Tuning.LORA, options)
+    config = {"zero_optimization": {"stage": 3}, "subzero": {"lr": 1e-2, "eps": 1e-2, "rank": 4, "seed": 1}}
+    engine = subzero_ds.initialize(model=model, config=config)
+    train(engine, 3)
+    trained = {k: v for k, v in iter_full_state(engine.module) if "lora_" in k}
+    extra = {"model_name_or_path": str(base), "tuning": "lora", "adapter": {**options.__dict__}}
+    engine.save_checkpoint(tmp_path / "ckpt", extra=extra)
+
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    state = dict(loaded.named_parameters())
+    assert trained and all(torch.equal(state[k], v) for k, v in trained.items())
