@@ -299,3 +299,90 @@ def _deepspeed_problems(ds_config: Mapping[str, Any]) -> list[str]:
             "accumulates nothing. Set it to 1 and raise the micro-batch size instead."
         )
     return problems
+
+
+def check_offload_paths(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> None:
+    """Check that NVMe offload can start, before any work does (call before ``deepspeed.initialize``).
+
+    For ``zero_optimization.offload_param.device == "nvme"``: ``nvme_path`` must be an existing,
+    writable directory (DeepSpeed would create a mistyped path silently, on whatever disk it lands
+    on, or fail deep inside ``zero.Init``), and DeepSpeed's ``async_io`` op must be buildable
+    (it needs libaio). Other devices need nothing.
+
+    Raises:
+        ConfigError: every problem found, each naming the key, the value and the fix.
+    """
+    zero = ds_config.get("zero_optimization")
+    offload = zero.get("offload_param") if isinstance(zero, Mapping) else None
+    if not isinstance(offload, Mapping) or offload.get("device") != "nvme" or not offload.get("nvme_path"):
+        return  # not NVMe, or a missing nvme_path that parse_config reports
+    key = "zero_optimization.offload_param.nvme_path"
+    path = os.fspath(offload["nvme_path"])
+    problems = []
+    if not os.path.exists(path):
+        problems.append(
+            f"`{key}` is {_shown(path)}, which does not exist. Create it (`mkdir -p {path}`) on the NVMe drive, "
+            "or point it at an existing directory there: DeepSpeed writes one swap file per parameter partition in it."
+        )
+    elif not os.path.isdir(path):
+        problems.append(f"`{key}` is {_shown(path)}, which is a file, not a directory. Point it at a directory "
+                        "on the NVMe drive.")
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problems.append(f"`{key}` is {_shown(path)}, which this user cannot write to. Make it writable "
+                        f"(`chmod u+w {path}`) or choose a directory you own on the NVMe drive.")
+    if not _async_io_available():
+        problems.append(
+            "`zero_optimization.offload_param.device` is \"nvme\", but DeepSpeed's async_io op cannot be built: "
+            "libaio is missing. Install it (`apt-get install libaio-dev`, or run scripts/setup.sh) and check "
+            "`ds_report` lists async_io as compatible, or offload to \"cpu\" instead."
+        )
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"found the following errors in {source}:\n{listing}")
+
+
+def check_nvme_buffers(ds_config: Mapping[str, Any], param_numels: Mapping[str, int], world_size: int,
+                       source: str = "the DeepSpeed config") -> None:
+    """Check that every parameter partition DeepSpeed will swap to NVMe fits one swap buffer.
+
+    DeepSpeed swaps a partition of ``ceil(numel / world_size)`` elements to NVMe when it holds at
+    least ``max(1 MiB, aio.block_size)`` bytes, and asserts inside ``zero.Init`` ("More elements …
+    than buffer size") when it exceeds ``offload_param.buffer_size`` (elements, default 1e8).
+
+    Args:
+        ds_config: the DeepSpeed config.
+        param_numels: full (unpartitioned) element count of every parameter, by name.
+        world_size: ranks the parameters are partitioned over.
+
+    Raises:
+        ConfigError: naming the largest such parameter, its partition size and the value to set.
+    """
+    zero = ds_config.get("zero_optimization")
+    offload = zero.get("offload_param") if isinstance(zero, Mapping) else None
+    if not isinstance(offload, Mapping) or offload.get("device") != "nvme" or not param_numels:
+        return
+    buffer_size = int(offload.get("buffer_size", 100_000_000))
+    precision = next((k for k in ("bf16", "bfloat16", "fp16") if (ds_config.get(k) or {}).get("enabled")), None)
+    element_size = 2 if precision else 4
+    aio = ds_config.get("aio") or {}
+    swappable_bytes = max(1024**2, int(aio.get("block_size", 1024**2)))
+    name, numel = max(param_numels.items(), key=lambda item: item[1])
+    partition = -(-numel // world_size)
+    if partition * element_size >= swappable_bytes and partition > buffer_size:
+        raise ConfigError(
+            f"found the following errors in {source}:\n  - `zero_optimization.offload_param.buffer_size` is "
+            f"{buffer_size:,} elements, but parameter {name!r} ({numel:,} elements) has partitions of {partition:,} "
+            f"elements over {world_size} ranks, and each partition is swapped through one buffer. Set "
+            f"`zero_optimization.offload_param.buffer_size` to at least {partition}."
+        )
+
+
+def _async_io_available() -> bool:
+    """Whether DeepSpeed's async_io op (NVMe swapping) can be built here (compiles a libaio probe)."""
+    import contextlib
+    import io
+
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it echoes the gcc commands of its probe
+        return bool(AsyncIOBuilder().is_compatible(verbose=False))

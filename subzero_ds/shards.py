@@ -4,14 +4,26 @@ Under ZeRO-3, ``p.data`` is an empty placeholder and this rank owns the flat ele
 [k·P, min((k+1)·P, numel)) of the parameter in ``p.ds_tensor`` (P the partition size, the
 last partition padded). Under stage 0 a rank holds the whole parameter: the range is [0, numel).
 The optimizer edits ``ParamShard.local()`` in place and nothing else.
+
+With ``offload_param: {"device": "nvme"}`` (ZeRO-Infinity) a partition of at least 1 MiB lives in
+a swap file, and ``p.ds_tensor`` is a 1-element placeholder between forwards. Such a shard is
+reached only inside ``with shard.swapped_in() as local:``, which reads it into one of DeepSpeed's
+swap buffers and writes it back afterwards; DeepSpeed itself releases a partition after a forward
+*without* writing it, so an edit made any other way is silently lost. ``offload_param: {"device":
+"cpu"}`` needs nothing special: the partition is an ordinary CPU tensor.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
@@ -43,11 +55,59 @@ class ParamShard:
         """True for 2-D parameters: they get weight decay and, with SubZero, a low-rank direction."""
         return len(self.shape) == 2
 
+    @property
+    def local_numel(self) -> int:
+        """Elements this rank owns (``end - start``), valid even while the shard is swapped out."""
+        return self.end - self.start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameter's dtype (a backup of :meth:`local` in this dtype round-trips exactly)."""
+        return self.param.dtype
+
+    @property
+    def is_nvme_offloaded(self) -> bool:
+        """Whether this rank's partition lives in an NVMe swap file (reach it via :meth:`swapped_in`)."""
+        return is_partitioned(self.param) and getattr(self.param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme
+
     def local(self) -> torch.Tensor:
-        """A 1-D view of the owned elements (padding excluded); in-place edits reach the model."""
+        """A 1-D view of the owned elements (padding excluded); in-place edits reach the model.
+
+        Raises:
+            RuntimeError: the shard is swapped out to NVMe (use :meth:`swapped_in`).
+        """
         if is_partitioned(self.param):
-            return self.param.ds_tensor.data.view(-1)[: self.end - self.start]
+            if self.is_nvme_offloaded and self.param.ds_tensor.status is not PartitionedParamStatus.AVAILABLE:
+                raise RuntimeError(
+                    f"the shard of {self.name!r} is swapped out to NVMe (its ds_tensor is a placeholder): "
+                    "read or edit it inside `with shard.swapped_in() as local:`"
+                )
+            return self.param.ds_tensor.data.view(-1)[: self.local_numel]
         return self.param.data.view(-1)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[torch.Tensor]:
+        """Yield :meth:`local` wherever the shard lives; an NVMe shard is swapped in, then written back.
+
+        Without NVMe offload this is :meth:`local` and costs nothing. With it, the partition is read
+        into a DeepSpeed swap buffer (one of ``offload_param.buffer_count``), and on exit written to
+        its swap file synchronously and the buffer released, so the next gather reads the edit.
+        Enter it for one shard at a time, between forwards.
+        """
+        if not self.is_nvme_offloaded:
+            yield self.local()
+            return
+        swapper = self.param.nvme_swapper
+        status = self.param.ds_tensor.status
+        if status is PartitionedParamStatus.INFLIGHT:  # a prefetch is reading it: wait for that read
+            swapper.synchronize_reads()
+        elif status is PartitionedParamStatus.NOT_AVAILABLE:
+            swapper.swap_in([self.param], async_op=False)
+        try:
+            yield self.local()
+        finally:
+            # DeepSpeed never writes a partition back on release: without this the edit is lost.
+            swapper.swap_out_and_release([self.param])
 
 
     @property
@@ -76,7 +136,7 @@ def owned_range(param: nn.Parameter) -> tuple[int, int]:
     if not is_partitioned(param):
         return 0, param.numel()
     numel = int(param.ds_numel)
-    partition_size = int(param.ds_tensor.ds_numel)
+    partition_size = int(param.ds_tensor.ds_numel)  # not ds_tensor.numel(): that is 1 while swapped out to NVMe
     group = param.ds_process_group
     rank = dist.get_rank(group=group) if dist.is_initialized() else 0
     start = min(rank * partition_size, numel)
@@ -93,3 +153,38 @@ def collect_shards(model: nn.Module) -> list[ParamShard]:
         start, end = owned_range(param)
         shards.append(ParamShard(name=name, param=param, shape=shape, start=start, end=end))
     return shards
+
+
+def partition_for_nvme(model: nn.Module, ds_config: Mapping[str, Any]) -> None:
+    """Partition ``model`` for NVMe offload with swap buffers of the config's dtype (call before
+    ``deepspeed.initialize``; a no-op unless ``offload_param.device`` is ``"nvme"`` and the model is
+    not partitioned yet).
+
+    Why: ``deepspeed.initialize`` partitions a plain model with ``zero.Init(dtype=<model dtype>)``,
+    and DeepSpeed 0.19's ``_set_dtype`` (``dtype or torch.float16 if is_fp16_supported() else
+    torch.bfloat16 …``) drops that dtype on an accelerator without fp16 (the CPU one): the NVMe swap
+    buffers become bf16 and the first forward of an fp32 model fails with "expected m1 and m2 to have
+    the same dtype". ``zero.Init`` given the config and no dtype takes the dtype from the config
+    (fp32 unless ``bf16``/``fp16`` is enabled), as ``from_pretrained`` under ``HfDeepSpeedConfig`` does.
+    Floating parameters are first cast to that dtype, as ``deepspeed.initialize`` would.
+
+    Args:
+        model: the model about to be wrapped.
+        ds_config: the DeepSpeed config (with a batch size set; the ``"subzero"`` section may be present).
+    """
+    zero = ds_config.get("zero_optimization") or {}
+    offload = zero.get("offload_param") or {}
+    if zero.get("stage") != 3 or offload.get("device") != OffloadDeviceEnum.nvme.value:
+        return
+    if any(is_partitioned(p) for p in model.parameters()):
+        return  # partitioned at load time (HfDeepSpeedConfig): zero.Init already had the config
+    dtype = torch.float32
+    if (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif (ds_config.get("fp16") or {}).get("enabled"):
+        dtype = torch.float16
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    config = {k: v for k, v in ds_config.items() if k != "subzero"}
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)

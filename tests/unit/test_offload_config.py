@@ -1,0 +1,91 @@
+"""NVMe offload settings are checked before any work starts: swap directory, libaio, buffer size."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import subzero_ds.config as config_module
+from subzero_ds.config import ConfigError, check_nvme_buffers, check_offload_paths
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "zero_optimization.offload_param.nvme_path"
+
+
+def nvme_config(path, **offload) -> dict:
+    return {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(path), **offload}}}
+
+
+@pytest.fixture(autouse=True)
+def libaio_present(monkeypatch):
+    monkeypatch.setattr(config_module, "_async_io_available", lambda: True)
+
+
+def test_existing_writable_directory_passes(tmp_path):
+    check_offload_paths(nvme_config(tmp_path))
+
+
+def test_missing_directory_names_key_value_and_fix(tmp_path):
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(ConfigError) as error:
+        check_offload_paths(nvme_config(missing))
+    message = str(error.value)
+    assert f"`{KEY}`" in message and str(missing) in message and "does not exist" in message
+    assert f"mkdir -p {missing}" in message
+
+
+def test_a_file_is_not_a_swap_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        check_offload_paths(nvme_config(tmp_path / "file"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only directory")
+def test_read_only_directory_is_rejected(tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="cannot write to"):
+        check_offload_paths(nvme_config(read_only))
+
+
+def test_missing_libaio_is_reported_with_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "_async_io_available", lambda: False)
+    with pytest.raises(ConfigError) as error:
+        check_offload_paths(nvme_config(tmp_path / "missing"))
+    message = str(error.value)
+    assert "does not exist" in message and "libaio-dev" in message  # both problems at once
+
+
+@pytest.mark.parametrize("zero", [{"stage": 3}, {"stage": 3, "offload_param": {"device": "cpu", "nvme_path": "/no/such"}}])
+def test_other_devices_need_no_swap_directory(zero, monkeypatch):
+    monkeypatch.setattr(config_module, "_async_io_available", lambda: False)
+    check_offload_paths({"zero_optimization": zero})
+
+
+def test_buffer_smaller_than_a_swapped_partition_names_the_parameter_and_the_value(tmp_path):
+    numels = {"model.embed_tokens.weight": 32000 * 4096, "model.norm.weight": 4096}
+    with pytest.raises(ConfigError) as error:
+        check_nvme_buffers(nvme_config(tmp_path, buffer_size=10_000_000), numels, world_size=2)
+    message = str(error.value)
+    assert "'model.embed_tokens.weight'" in message and "buffer_size" in message
+    assert "at least 65536000" in message  # ceil(32000·4096 / 2)
+
+
+def test_buffer_fits_every_partition(tmp_path):
+    numels = {"model.embed_tokens.weight": 32000 * 4096}
+    check_nvme_buffers(nvme_config(tmp_path), numels, world_size=2)  # default buffer_size 1e8
+    check_nvme_buffers(nvme_config(tmp_path, buffer_size=65_536_000), numels, world_size=2)
+
+
+def test_partitions_below_one_mib_are_never_swapped(tmp_path):
+    # 131072 fp32 elements per rank = 512 KiB: DeepSpeed keeps it in memory, whatever buffer_size says.
+    check_nvme_buffers(nvme_config(tmp_path, buffer_size=1000), {"w": 2 * 131072}, world_size=2)
+    with pytest.raises(ConfigError):
+        check_nvme_buffers(nvme_config(tmp_path, buffer_size=1000), {"w": 2 * 262144}, world_size=2)
+
+
+def test_shipped_nvme_config_names_a_swap_directory():
+    shipped = json.loads((REPO / "ds_configs" / "zero3_subzero_offload_nvme.json").read_text())
+    offload = shipped["zero_optimization"]["offload_param"]
+    assert offload["device"] == "nvme" and offload["nvme_path"]
