@@ -66,7 +66,9 @@ def init_distributed() -> None:
     _share_cores_between_local_ranks()
     import deepspeed
 
-    deepspeed.init_distributed()
+    # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to this argument (default 29500), ignoring
+    # the user's: two mpirun jobs on one host would collide.
+    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
 
 
 def _share_cores_between_local_ranks() -> None:
