@@ -10,12 +10,13 @@ from typing import Any, Mapping
 import deepspeed
 from torch import nn
 
-from .config import ConfigError, Reshape, deepspeed_section, load_ds_config, parse_config, zero_stage
-from .distributed import disagreements, init_distributed, log
+from .config import ConfigError, Reshape, check_nvme_buffers, check_offload_paths, deepspeed_section, load_ds_config
+from .config import parse_config, zero_stage
+from .distributed import disagreements, get_world_size_and_rank, init_distributed, log
 from .engine import LossFn, SubZeroEngine
 from .optimizer import ZOOptimizer, make_direction
 from .perturbation import stable_seed
-from .shards import collect_shards
+from .shards import collect_shards, partition_for_nvme
 
 
 def initialize(
@@ -50,6 +51,7 @@ def initialize(
     source = "the DeepSpeed config dict" if isinstance(config, Mapping) else repr(os.fspath(config))
     ds_config = load_ds_config(config)
     settings = parse_config(ds_config, source)
+    check_offload_paths(ds_config, source)
 
     init_distributed()
     fingerprint = stable_seed(json.dumps(ds_config, sort_keys=True, default=str))
@@ -64,6 +66,9 @@ def initialize(
     ds_config = deepspeed_section(ds_config)
     if "train_batch_size" not in ds_config and "train_micro_batch_size_per_gpu" not in ds_config:
         ds_config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed insists; a ZO step takes any batch
+    numels = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in model.named_parameters()}
+    check_nvme_buffers(ds_config, numels, get_world_size_and_rank()[0], source)
+    partition_for_nvme(model, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
 
     shards = collect_shards(ds_engine.module)
