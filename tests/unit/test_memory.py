@@ -1,0 +1,232 @@
+"""The memory planner: DeepSpeed agreement, fused/offload accounting, advice, and user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from subzero_ds import memory
+from subzero_ds.config import ConfigError
+from subzero_ds.memory import (
+    BatchShape,
+    Cluster,
+    MemoryPlanError,
+    Offload,
+    ZeroSettings,
+    estimate,
+)
+
+GiB = memory.GiB
+
+
+def ds_config(**subzero) -> dict:
+    return {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "subzero": {"method": "subzero", **subzero}}
+
+
+def item(result: memory.Estimate, prefix: str) -> memory.Item:
+    (found,) = [i for i in result.items if i.name.startswith(prefix)]
+    return found
+
+
+# --- DeepSpeed agreement -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offload", [Offload.NONE, Offload.CPU])
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 8), (4, 8), (8, 8)])
+def test_model_states_agree_with_deepspeed(offload, nodes, gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    arch = memory.BUILTIN_MODELS["opt-66b"]
+    ours = memory.deepspeed_model_states(arch.total_params, arch.largest_layer_params, gpus, nodes, offload)
+    theirs = estimate_zero3_model_states_mem_needs(
+        arch.total_params, arch.largest_layer_params, num_gpus_per_node=gpus, num_nodes=nodes,
+        cpu_offload=offload is Offload.CPU, cpu_offload_params=offload is Offload.CPU, zero_init=True,
+    )  # fmt: skip
+    assert ours == theirs[:2]
+    result = estimate(arch, ZeroSettings(offload=offload), Cluster(nodes, gpus), BatchShape(1, 128))
+    states = result.first_order[0]
+    assert states.gpu == theirs[1]
+    assert states.cpu * gpus == pytest.approx(theirs[0])  # ours per rank, DeepSpeed's per node
+
+
+def _printed(fn, *args, **kwargs) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn(*args, **kwargs)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_parameter_counts_match_deepspeed_all_live(family, tmp_path):
+    """Our counts from config.json == DeepSpeed's from the built model (all_live == all_cold printout)."""
+    import torch
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs_all_cold,
+        estimate_zero3_model_states_mem_needs_all_live,
+        model_to_params,
+    )  # fmt: skip
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    if family == "opt":
+        config = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                           max_position_embeddings=64, word_embed_proj_dim=32)  # fmt: skip
+    else:
+        config = LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, intermediate_size=80,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    arch = memory.load_architecture(tmp_path)
+    assert (arch.total_params, arch.largest_layer_params) == model_to_params(model)
+    live = _printed(estimate_zero3_model_states_mem_needs_all_live, model, num_gpus_per_node=8, num_nodes=2)
+    cold = _printed(estimate_zero3_model_states_mem_needs_all_cold, arch.total_params, arch.largest_layer_params,
+                    num_gpus_per_node=8, num_nodes=2)  # fmt: skip
+    assert live == cold
+
+
+def test_builtin_parameter_counts():
+    counts = {name: arch.total_params / 1e9 for name, arch in memory.BUILTIN_MODELS.items()}
+    assert counts["opt-125m"] == pytest.approx(0.1252, abs=1e-3)
+    assert counts["opt-13b"] == pytest.approx(12.85, abs=0.01)
+    assert counts["opt-175b"] == pytest.approx(174.6, abs=0.3)
+    assert counts["llama-2-7b"] == pytest.approx(6.738, abs=0.01)
+    assert counts["llama-2-70b"] == pytest.approx(68.98, abs=0.02)
+
+
+def test_chunk_constants_match_perturbation():
+    from subzero_ds import perturbation
+
+    assert (memory.GAUSSIAN_BLOCK, memory.LOWRANK_ROWS) == (perturbation.GAUSSIAN_BLOCK, perturbation.LOWRANK_ROWS)
+
+
+# --- accounting ---------------------------------------------------------------------------------
+
+
+def test_fused_doubles_activations_and_drops_the_backup():
+    batch, cluster = BatchShape(16, 2048), Cluster(1, 8)
+    fp32 = lambda fused: {**ds_config(fused=fused), "bf16": {"enabled": False}}
+    in_place = estimate("opt-13b", fp32(False), cluster, batch)
+    fused = estimate("opt-13b", fp32(True), cluster, batch)
+    assert in_place.peak_moment == fused.peak_moment == "the LM head and loss"
+    assert item(fused, "forward activations").gpu == pytest.approx(2 * item(in_place, "forward activations").gpu, rel=0.05)  # + fp32 LM-head input copy
+    assert item(in_place, "in-place backup").gpu == pytest.approx(item(in_place, "parameter shards").gpu, rel=1e-2)
+    assert not [i for i in fused.items if i.name.startswith("in-place backup")]
+    # bf16: doubled bf16 logits + an fp32 side-path delta as large (6 bytes per doubled-batch logit)
+    # against 2 + 4 + 4 bytes per logit in place: 1.2x, plus the hidden states' share.
+    in_place = estimate("opt-13b", ds_config(fused=False), cluster, batch)
+    fused = estimate("opt-13b", ds_config(fused=True), cluster, batch)
+    ratio = item(fused, "forward activations").gpu / item(in_place, "forward activations").gpu
+    assert 1.2 <= ratio < 1.3
+
+
+def test_offload_moves_shards_off_the_gpu():
+    cluster, batch = Cluster(2, 8), BatchShape(1, 512)
+    none = estimate("llama-2-70b", ds_config(), cluster, batch)
+    cpu = estimate("llama-2-70b", {**ds_config(), "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+                   cluster, batch)  # fmt: skip
+    nvme = estimate("llama-2-70b", ZeroSettings(offload=Offload.NVME), cluster, batch)
+    shards = item(none, "parameter shards").gpu
+    assert shards > 4 * GiB
+    assert none.total("gpu") - cpu.total("gpu") >= 2 * shards - 1  # shards and their backup leave the GPU
+    assert cpu.total("cpu") - none.total("cpu") >= 2 * shards - 1
+    assert item(nvme, "parameter shards").nvme == shards and nvme.total("gpu") < none.total("gpu")
+
+
+def test_cpu_device_folds_gpu_bytes_into_host_ram():
+    cuda = estimate("opt-125m", ds_config(), Cluster(1, 2), BatchShape(8, 128))
+    cpu = estimate("opt-125m", ds_config(), Cluster(1, 2), BatchShape(8, 128), device="cpu")
+    assert cpu.total("gpu") == 0
+    runtime = lambda e: sum(i.gpu + i.cpu for i in e.items if i.name.startswith("runtime"))
+    assert cpu.host_total - runtime(cpu) == pytest.approx(cuda.host_total - runtime(cuda))
+
+
+def test_does_not_fit_gives_advice_that_fits():
+    result = estimate("opt-175b", ds_config(), Cluster(1, 8, gpu_memory_gib=80), BatchShape(4, 512))
+    assert not result.fits and result.problems and "GPU" in result.problems[0]
+    assert result.advice
+    assert any("nodes" in a for a in result.advice)
+    assert any("offload_param" in a for a in result.advice)
+    nodes = int(next(a for a in result.advice if "nodes" in a).split()[1])
+    assert estimate("opt-175b", ds_config(), Cluster(nodes, 8), BatchShape(4, 512)).fits
+
+
+def test_first_order_needs_far_more_than_zo():
+    result = estimate("opt-13b", ds_config(), Cluster(1, 8), BatchShape(4, 512))
+    assert result.total("gpu", first_order=True) > 3 * result.total("gpu")
+
+
+def test_prediction_table_lists_every_model():
+    table = memory.prediction_table()
+    for name in memory.TABLE_MODELS:
+        assert f"| {name} |" in table
+    assert table.count("\n| ") == len(memory.TABLE_MODELS) * len(memory.TABLE_NODES) * 2 + 1
+
+
+# --- user errors --------------------------------------------------------------------------------
+
+
+def test_unknown_model_names_value_and_valid_names():
+    with pytest.raises(MemoryPlanError) as error:
+        estimate("opt-7b", ds_config())
+    assert "'opt-7b'" in str(error.value) and "opt-13b" in str(error.value) and "llama-2-70b" in str(error.value)
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    with pytest.raises(MemoryPlanError, match="nope.json"):
+        estimate("opt-13b", str(tmp_path / "nope.json"))
+
+
+def test_bad_numbers_name_the_key():
+    with pytest.raises(MemoryPlanError, match="`nodes` is 0"):
+        estimate("opt-13b", ds_config(), Cluster(nodes=0))
+    with pytest.raises(MemoryPlanError, match="`seq_len` is -5"):
+        estimate("opt-13b", ds_config(), batch=BatchShape(1, -5))
+    with pytest.raises(MemoryPlanError, match="stage3_prefetch_bucket_size"):
+        estimate("opt-13b", {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "big"}})
+    with pytest.raises(MemoryPlanError, match="zero_optimization.stage"):
+        estimate("opt-13b", {"zero_optimization": {"stage": 0}})
+    with pytest.raises(ConfigError, match="subzero.rnk"):
+        estimate("opt-13b", ds_config(rnk=8))
+
+
+def test_model_type_not_modelled(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(MemoryPlanError, match="'gpt2'"):
+        memory.load_architecture(tmp_path)
+
+
+def test_cli_bad_input_exits_nonzero_without_traceback(capsys, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(ds_config()))
+    assert memory.main(["--model", "opt-7b", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "opt-7b" in err and "Traceback" not in err
+    assert memory.main(["--model", "opt-13b", "--config", str(tmp_path / "missing.json")]) == 2
+    assert memory.main(["--model", "opt-175b", "--config", str(config), "--batch-size", "4"]) == 1  # does not fit
+    assert "To make it fit" in capsys.readouterr().out
+    assert memory.main(["--model", "opt-13b", "--config", str(config), "--nodes", "2"]) == 0
+
+
+def test_console_entry_point_runs():
+    completed = subprocess.run([sys.executable, "-m", "subzero_ds.memory", "--model", "gpt-9"], check=False,
+                               capture_output=True, text=True)  # fmt: skip
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr and "--config" in completed.stderr
+
+
+def test_eager_attention_counts_the_score_matrices():
+    batch = BatchShape(8, 4096)
+    sdpa = estimate("llama-2-7b", ZeroSettings(), Cluster(1, 8), batch)
+    eager = estimate("llama-2-7b", ZeroSettings(), Cluster(1, 8), batch, attention="eager")
+    scores = 2 * batch.batch_size * 32 * batch.seq_len**2 * 2  # scores + probabilities, bf16
+    assert eager.peak_moment == "a decoder layer"
+    assert item(eager, "forward activations").gpu >= scores > item(sdpa, "forward activations").gpu
+
+
+def test_cli_table_rejects_a_zero_batch(capsys):
+    assert memory.main(["--table", "--batch-size", "0"]) == 2
+    assert "`batch_size` is 0" in capsys.readouterr().err
