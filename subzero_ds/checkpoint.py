@@ -112,7 +112,10 @@ def save_sharded(root: str | os.PathLike, step: int, shards: list[ParamShard], s
 
     name = f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
     ranges = {s.name: [s.start, s.end] for s in shards}
-    tensors = {s.name: s.local().detach().to("cpu", copy=True).contiguous() for s in shards}
+    tensors = {}
+    for shard in shards:
+        with shard.swapped_in() as local:  # an NVMe-offloaded shard is read in first
+            tensors[shard.name] = local.detach().to("cpu", copy=True).contiguous()
     save_file(tensors, staging / name, metadata={"ranges": json.dumps(ranges)})
     digest = _fsync_and_hash(staging / name)
     written = all_gather_objects((name, digest, ranges))
@@ -220,7 +223,8 @@ def load_sharded(path: str | os.PathLike, shards: list[ParamShard]) -> Manifest:
     with torch.no_grad():
         for shard in shards:
             values = read_range(path, manifest, shard.name, shard.start, shard.end)
-            shard.local().copy_(values.to(shard.param.dtype))
+            with shard.swapped_in() as local:  # an NVMe-offloaded shard is written back on exit
+                local.copy_(values.to(shard.param.dtype))
     return manifest
 
 

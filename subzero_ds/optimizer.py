@@ -151,7 +151,8 @@ class ZOOptimizer:
         self.shards, self.direction = shards, direction
         self.eps, self.weight_decay = eps, weight_decay
         self.in_place = in_place
-        self._backups = [torch.empty_like(shard.local()) if in_place else None for shard in shards]
+        # Sized from the partition size: an NVMe-swapped shard's local() is not readable here.
+        self._backups = [torch.empty(shard.local_numel, dtype=shard.dtype) if in_place else None for shard in shards]
         self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
         self._full_backups: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
 
@@ -166,7 +167,8 @@ class ZOOptimizer:
         if not self.in_place:
             raise RuntimeError("ZOOptimizer(in_place=False) never perturbs shards: there is nothing to save")
         for shard, backup in zip(self.shards, self._backups):
-            backup.copy_(shard.local())
+            with shard.swapped_in() as local:
+                backup.copy_(local)
         not_gathered = [self.shards[i].param for i in self._persistent if self.shards[i].gathered() is None]
         with deepspeed.zero.GatheredParameters(not_gathered):  # a no-op once they stay gathered
             self._full_backups = {i: self.shards[i].param.data.view(-1).clone() for i in self._persistent}
@@ -185,7 +187,8 @@ class ZOOptimizer:
     def restore_(self) -> None:
         """Put back exactly the θ saved by :meth:`save_`."""
         for shard, backup in zip(self.shards, self._backups):
-            shard.local().copy_(backup)
+            with shard.swapped_in() as local:  # an NVMe shard is written back on exit
+                local.copy_(backup)
         for index, backup in self._full_backups.items():
             gathered = self.shards[index].gathered()
             if gathered is not None:
@@ -203,13 +206,14 @@ class ZOOptimizer:
     def _write_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor]) -> None:
         with torch.no_grad():
             for index, (shard, backup) in enumerate(zip(self.shards, self._backups)):
-                local = shard.local()
-                self._write_range_(step, combine, shard, local, local if backup is None else backup, shard.start, shard.end)
-                gathered = shard.gathered()
-                source = gathered if not self.in_place else self._full_backups.get(index)
-                if gathered is not None and source is not None and not _same_storage(gathered, local):
-                    # Same elements, same arithmetic: bit-identical to what the shards now hold.
-                    self._write_range_(step, combine, shard, gathered, source, 0, shard.numel)
+                with shard.swapped_in() as local:  # an NVMe shard is written back on exit
+                    self._write_range_(step, combine, shard, local, local if backup is None else backup,
+                                       shard.start, shard.end)
+                    gathered = shard.gathered()
+                    source = gathered if not self.in_place else self._full_backups.get(index)
+                    if gathered is not None and source is not None and not _same_storage(gathered, local):
+                        # Same elements, same arithmetic: bit-identical to what the shards now hold.
+                        self._write_range_(step, combine, shard, gathered, source, 0, shard.numel)
 
     def _write_range_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor],
                       shard: ParamShard, target: torch.Tensor, backup: torch.Tensor, start: int, end: int) -> None:
