@@ -141,7 +141,10 @@ class FusedPass:
                 delta = (projected * signs) @ right
             if bias_direction is not None:
                 delta = signs * bias_direction if delta is None else delta.add_(signs * bias_direction)
-            return output.add_(delta)  # computed in fp32, rounded once into the output's dtype
+            if output.dtype == delta.dtype or delta.shape != output.shape:
+                return output.add_(delta)
+            # Half precision: sum in fp32 in delta's buffer, round once (output.add_ would make two fp32 temporaries).
+            return output.copy_(delta.add_(output))
 
         return hook
 
