@@ -69,6 +69,10 @@ def init_distributed() -> None:
     # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to this argument (default 29500), ignoring
     # the user's: two mpirun jobs on one host would collide.
     deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+    # Every rank has mapped its peers' shm buffers once all have returned: the names can go now,
+    # so even a rank that is SIGKILLed (or a process that never calls exit_process) leaks nothing.
+    barrier()
+    _unlink_shared_memory_buffer()
 
 
 def _share_cores_between_local_ranks() -> None:
@@ -111,14 +115,14 @@ def exit_process(code: int = 0) -> None:
 def _unlink_shared_memory_buffer() -> None:
     """Remove this rank's /dev/shm all-reduce buffer of DeepSpeed's CPU shm comm op.
 
-    DeepSpeed creates one (66 MB) per local rank and never unlinks it: seen here, 342 of them
-    from earlier runs filled /dev/shm (22 GB) until the OOM killer stopped the next job.
-    Unlinking leaves mappings that peers still hold intact.
+    DeepSpeed creates one (66 MB) per rank and never unlinks it: seen here, 342 of them from
+    earlier runs filled /dev/shm (22 GB) until the OOM killer stopped the next job.
+    Unlinking leaves the mappings that this rank and its peers already hold intact.
     """
     address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK"))
-    if address and port and local_rank is not None:
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{address}_{port}_{local_rank}"):
+    _, rank = get_world_size_and_rank()  # the buffer is named after the rank DeepSpeed initialized with
+    if address and port:
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{address}_{port}_{rank}"):
             with contextlib.suppress(OSError):
                 os.unlink(path)
 

@@ -482,6 +482,10 @@ def main(argv: list[str] | None = None) -> None:
 def _report(error: Exception) -> None:
     if is_local_main_process():
         print(f"subzero-train: error: {error}", file=sys.stderr, flush=True)
+    else:
+        # The deepspeed launcher kills every rank as soon as one exits non-zero: give the reporting
+        # rank time to print before this one's exit gets it killed.
+        time.sleep(3)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the same global batch, so every launch must follow the same trajectory.
 """
 
 import argparse
+import functools
 import json
 
 import torch
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global_batch", type=int, default=8)
     parser.add_argument("--seed_differs_per_rank", action="store_true")
+    parser.add_argument("--model_differs_per_rank", action="store_true", help="rank 1 builds a 3-layer model")
     parser.add_argument("--zero", type=json.loads, default=None, help="JSON merged into zero_optimization")
     parser.add_argument("--subzero", type=json.loads, default=None, help="JSON merged into the subzero section")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
@@ -66,6 +68,9 @@ def main() -> None:
     subzero_ds.distributed.init_distributed()
     world_size, rank = get_world_size_and_rank()
     seed = 5 + (rank if args.seed_differs_per_rank else 0)
+    if args.model_differs_per_rank and rank == 1:
+        global tiny_model
+        tiny_model = functools.partial(tiny_model, layers=3)
     try:
         results = {name: run_case(*CASES[name], args.steps, args.global_batch, seed, args.zero, args.subzero)
                    for name in args.cases}
