@@ -23,11 +23,6 @@ def trajectories(tmp_path_factory, launcher: str, nprocs: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    return trajectories(tmp_path_factory, "python", 1)
-
-
-@pytest.fixture(scope="module")
 def two_ranks_deepspeed(tmp_path_factory):
     return trajectories(tmp_path_factory, "deepspeed", 2)
 

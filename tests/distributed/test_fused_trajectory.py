@@ -21,11 +21,6 @@ def trajectories(tmp_path_factory, launcher: str, nprocs: int, fused: bool) -> d
 
 
 @pytest.fixture(scope="module")
-def in_place_one_rank(tmp_path_factory):
-    return trajectories(tmp_path_factory, "python", 1, fused=False)
-
-
-@pytest.fixture(scope="module")
 def fused_one_rank(tmp_path_factory):
     return trajectories(tmp_path_factory, "python", 1, fused=True)
 
@@ -36,11 +31,11 @@ def fused_two_ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_one_rank_follows_the_in_place_trajectory(in_place_one_rank, fused_one_rank, case):
+def test_fused_one_rank_follows_the_in_place_trajectory(one_rank, fused_one_rank, case):
     assert len(fused_one_rank[case]["losses"]) == 20
-    assert_same_trajectory(in_place_one_rank[case], fused_one_rank[case])
+    assert_same_trajectory(one_rank[case], fused_one_rank[case])
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_two_ranks_follow_the_in_place_trajectory(in_place_one_rank, fused_two_ranks, case):
-    assert_same_trajectory(in_place_one_rank[case], fused_two_ranks[case])
+def test_fused_two_ranks_follow_the_in_place_trajectory(one_rank, fused_two_ranks, case):
+    assert_same_trajectory(one_rank[case], fused_two_ranks[case])
