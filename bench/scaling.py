@@ -1,0 +1,170 @@
+"""How step time and peak memory grow with model size: ZO fused, ZO in-place, first-order (2-rank ZeRO-3, CPU).
+
+Run from the repository root:
+
+    deepspeed --num_gpus 2 bench/scaling.py
+
+Four OPT-shaped sizes (``opt-7m``: hidden 128, 4 layers; ``opt-30m``: hidden 384, 6 layers;
+``opt``: OPT-125M; ``opt-350m``: OPT-350M, hidden 1024, 24 layers; all with OPT's 50272-token
+vocabulary, random weights) × three ways to train them: SubZero with the fused ± pass, SubZero
+in place, and plain DeepSpeed ZeRO-3 with AdamW (forward, backward, step). Every configuration
+runs in a fresh pair of ``bench/step_cost.py`` workers; a row's step time is the median over the
+measured steps of the slower rank, its memory the larger rank's peak RSS above the RSS right
+after its imports.
+
+Options are ``bench/step_cost.py``'s, with other defaults: ``--model opt-7m opt-30m opt opt-350m``,
+``--dtype fp32``, ``--method subzero first-order``, ``--mode in-place fused``, ``--batch-size 4``
+(not 16: on 2 CPU cores the 350M first-order rows would take too long), ``--steps 2``, ``--warmup 1``,
+the plain-forward timing skipped; ``--output bench/results/scaling.md``. The plot goes next to it
+(``scaling.png``). ``--plot-only`` redraws table and plot from the JSON of an earlier run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import step_cost
+import torch.distributed as dist
+from step_cost import FIRST_ORDER, MODELS, command_line, exit_cleanly, run_all
+
+from subzero_ds.distributed import init_distributed, log
+
+SERIES = {("subzero", "fused"): "ZO fused (SubZero)", ("subzero", "in-place"): "ZO in-place (SubZero)",
+          ("mezo", "fused"): "ZO fused (MeZO)", ("mezo", "in-place"): "ZO in-place (MeZO)",
+          (FIRST_ORDER, None): "first-order ZeRO-3 AdamW"}  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    """``bench/step_cost.py``'s options with this benchmark's defaults, plus ``--plot-only``."""
+    plot_only = "--plot-only" in sys.argv
+    if plot_only:
+        sys.argv.remove("--plot-only")
+    args = step_cost.parse_args(
+        description=__doc__.split("\n\n")[0], model=["opt-7m", "opt-30m", "opt", "opt-350m"], dtype=["fp32"],
+        method=["subzero", FIRST_ORDER], batch_size=4, steps=2, warmup=1, no_forwards=True,
+        output=Path("bench/results/scaling.md"),
+    )  # fmt: skip
+    args.plot_only = plot_only
+    return args
+
+
+def points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
+    """Per series label: (parameters, step s, MiB above imports on the larger rank), by size."""
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in rows:
+        c = r["configuration"]
+        label = SERIES[(c["method"], c["mode"])] + ("" if c["dtype"] == "fp32" else f", {c['dtype']}")
+        series.setdefault(label, []).append((r["total_params"], r["step_s"], max(r["above_imports_mib"])))
+    return {label: sorted(values) for label, values in series.items()}
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Two log-log panels: step time vs parameters, peak RSS above imports vs parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, values in points(rows).items():
+        params = [p / 1e6 for p, _, _ in values]
+        style = {"marker": "o", "linestyle": "--" if "first-order" in label else "-"}
+        time_axis.plot(params, [s for _, s, _ in values], label=label, **style)
+        memory_axis.plot(params, [m for _, _, m in values], label=label, **style)
+    for axis, ylabel in ((time_axis, "step time, s (slower rank)"), (memory_axis, "peak RSS above imports, MiB per rank")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("parameters, millions")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+    time_axis.legend()
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def markdown_report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, wall_s: float | None) -> str:
+    """One table, sizes down, methods across (step s and MiB above imports), and the plot."""
+    by_size: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    labels: list[str] = []
+    for r in rows:
+        c = r["configuration"]
+        label = SERIES[(c["method"], c["mode"])] + ("" if c["dtype"] == "fp32" else f", {c['dtype']}")
+        labels += [label] if label not in labels else []
+        by_size.setdefault((c["model"], r["total_params"]), {})[label] = r
+    lines = [
+        "# Scaling with model size: ZO fused, ZO in-place, first-order",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"OPT-shaped models with random weights, ZeRO-3 over 2 ranks, CPU + gloo, {args.threads} torch thread(s) "
+        f"per rank. Batch {args.batch_size} × {args.seq_len} tokens per rank, {args.warmup} warm-up + {args.steps} "
+        "measured steps per fresh worker process pair"
+        + (f"; wall time {wall_s / 60:.1f} min" if wall_s else "") + ". Step s: median over the measured steps of "
+        "the slower rank. MiB: peak RSS above the RSS right after the imports, larger rank.",
+        "",
+        "| model | parameters | " + " | ".join(f"{label}: step s | MiB" for label in labels) + " | other CPU load |",
+        "|---|---|" + "---|---|" * len(labels) + "---|",
+    ]
+    for (model, params), cells in sorted(by_size.items(), key=lambda item: item[0][1]):
+        values = " | ".join(
+            f"{cells[label]['step_s']:.2f} | {max(cells[label]['above_imports_mib']):,.0f}" if label in cells else "— | —"
+            for label in labels
+        )
+        load = max(cells[label]["other_load"] for label in cells)
+        lines.append(f"| {model} | {params / 1e6:.1f}M | {values} | {load:.0%} |")
+    lines += [
+        "",
+        "Shapes: " + "; ".join(f"`{m}`: {MODELS[m].label}" for m in dict.fromkeys(r["configuration"]["model"] for r in rows)) + ".",
+        "",
+        f"![step time and peak memory vs parameters]({args.output.with_suffix('.png').name})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, wall_s: float | None) -> str:
+    """The Markdown report and the plot next to it; returns the report."""
+    report = markdown_report(rows, args, command, wall_s)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    title = f"OPT shapes, fp32, ZeRO-3 on 2 CPU ranks, batch {args.batch_size}×{args.seq_len} per rank"
+    plot(rows, args.output.with_suffix(".png"), title)
+    return report
+
+
+def main() -> None:
+    """Run every (size, method, mode) in fresh workers; rank 0 prints the table and writes table and plot."""
+    args = parse_args()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("subzero_ds").addHandler(handler)
+    logging.getLogger("subzero_ds").setLevel(logging.INFO)
+    if args.plot_only:
+        rows = json.loads(args.output.with_suffix(".json").read_text())
+        command = args.output.read_text().split("`")[1] if args.output.exists() else "(earlier run)"
+        print(write_outputs(rows, args, command, None))
+        return
+    init_distributed()
+    try:
+        run_all(args)  # also writes the rows as JSON next to --output
+    except RuntimeError as error:
+        log(str(error), all_ranks=True)
+        exit_cleanly(1)
+    if dist.get_rank() == 0:
+        rows = json.loads(args.output.with_suffix(".json").read_text())
+        wall_s = time.time() - psutil.Process().create_time()
+        print(write_outputs(rows, args, command_line(dist.get_world_size(), "bench/scaling.py"), wall_s), flush=True)
+        log(f"scaling: table and plot written to {args.output} and {args.output.with_suffix('.png')}")
+    exit_cleanly(0)
+
+
+if __name__ == "__main__":
+    main()
