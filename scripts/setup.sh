@@ -4,13 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# mpirun + MPI headers (mpi4py builds against them), libaio for DeepSpeed's NVMe offload.
-if ! command -v mpirun >/dev/null || ! [ -e /usr/include/libaio.h ]; then
+# mpirun + MPI headers (mpi4py builds against them), libaio for DeepSpeed's NVMe offload, iproute2
+# for the two-node test (network namespaces).
+if ! command -v mpirun >/dev/null || ! [ -e /usr/include/libaio.h ] || ! command -v ip >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev libaio-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev libaio-dev iproute2 >/dev/null
   else
-    echo "setup: please install openmpi-bin libopenmpi-dev libaio-dev (needs root)" >&2
+    echo "setup: please install openmpi-bin libopenmpi-dev libaio-dev iproute2 (needs root)" >&2
   fi
 fi
 
