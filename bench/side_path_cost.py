@@ -1,0 +1,64 @@
+"""What the fused ± pass's side path costs on one Linear, as implemented and as a fused ``addmm_``.
+
+Run from the repository root (one process, one thread, no DeepSpeed):
+
+    .venv/bin/python bench/side_path_cost.py
+
+For the doubled batch of ``bench/step_cost.py`` (2 × 16 × 128 rows) and OPT-125M's Linear shapes,
+SubZero rank 24, it times (best of 3): the Linear's own matmul; the side path as
+``subzero_ds/fused.py`` applies it (input upcast to fp32, a full-size fp32 ``delta = ((x V) ⊙ ±ε) R``,
+then ``output.add_(delta)``); and the same product accumulated into the output with
+``output.addmm_`` (no full-size temporary). Times are multiplied by how often the shape occurs
+in the model (12 fc1, 48 attention projections, 1 LM head).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+ROWS, RANK = 2 * 16 * 128, 24
+SHAPES = [(768, 50272, 1, "LM head 768 x 50272"), (768, 3072, 12, "fc1 768 x 3072 (x12)"),
+          (768, 768, 48, "q/k/v/out 768 x 768 (x48)")]  # fmt: skip
+
+
+def best_of(fn: Callable[[], None], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    """Print one line per (dtype, shape)."""
+    torch.set_num_threads(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m, n, count, name in SHAPES:
+            x, w = torch.randn(ROWS, m, dtype=dtype), torch.randn(n, m, dtype=dtype) * 0.02
+            v, right = torch.randn(m, RANK), torch.randn(RANK, n)
+            signs = torch.full((ROWS, 1), 1e-3)
+            signs[ROWS // 2 :] = -1e-3
+            out = torch.nn.functional.linear(x, w)
+
+            def matmul() -> None:
+                torch.nn.functional.linear(x, w)
+
+            def as_implemented() -> None:
+                out.add_(((x.to(torch.float32) @ v) * signs) @ right)
+
+            def as_addmm() -> None:
+                out.addmm_(((x.to(torch.float32) @ v) * signs).to(out.dtype), right.to(out.dtype))
+
+            seconds = [best_of(fn) * count for fn in (matmul, as_implemented, as_addmm)]
+            print(f"{str(dtype)[6:]:8s} {name:26s} matmul {seconds[0]:6.2f} s  side path as implemented "
+                  f"{seconds[1]:5.2f} s  as addmm_ {seconds[2]:5.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
