@@ -132,19 +132,21 @@ class FusedPass:
             left, right = (factors.u, factors.core @ factors.v.T) if embedding else (factors.v, factors.core.T @ factors.u.T)
         bias_direction = self.direction.full(bias.name, bias.shape, step) if bias is not None else None
 
+        right_in: dict[torch.dtype, torch.Tensor] = {}  # `right` in the output's dtype, cast once per step
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             inputs = args[0]
             signs = self._signs(inputs.shape[0], inputs.ndim + (1 if embedding else 0), module)
-            delta = None
             if weight is not None:
-                projected = left[inputs] if embedding else inputs.to(torch.float32) @ left
-                delta = (projected * signs) @ right
+                projected = left[inputs] if embedding else inputs.to(torch.float32) @ left  # rows × r, fp32
+                projected = (projected * signs).to(output.dtype)
+                if output.dtype not in right_in:
+                    right_in[output.dtype] = right.to(output.dtype)
+                # Accumulate into the output: no rows × m temporary (824 MB for OPT's LM head at 16×128).
+                output.view(-1, output.shape[-1]).addmm_(projected.view(-1, projected.shape[-1]), right_in[output.dtype])
             if bias_direction is not None:
-                delta = signs * bias_direction if delta is None else delta.add_(signs * bias_direction)
-            if output.dtype == delta.dtype or delta.shape != output.shape:
-                return output.add_(delta)
-            # Half precision: sum in fp32 in delta's buffer, round once (output.add_ would make two fp32 temporaries).
-            return output.copy_(delta.add_(output))
+                output.add_(signs * bias_direction)
+            return output
 
         return hook
 
