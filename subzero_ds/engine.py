@@ -17,6 +17,7 @@ from .checkpoint import MANIFEST, CheckpointError, latest_checkpoint, load_shard
 from .checkpoint import save_sharded
 from .export import save_hf_weights
 from .fused import FusedPass, half_losses
+from .loss import model_loss
 from .optimizer import ZOOptimizer
 from .shards import ParamShard
 
@@ -62,7 +63,8 @@ class SubZeroEngine:
         ds_engine: the DeepSpeed engine wrapping the model (no DeepSpeed optimizer).
         config: the validated ``"subzero"`` settings.
         optimizer: the ZO optimizer over this rank's shards.
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: ``model(**batch).loss``.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: ``model(**batch).loss``
+            (language-model losses computed from the logits in chunks, see :mod:`subzero_ds.loss`).
     """
 
     def __init__(
@@ -71,7 +73,7 @@ class SubZeroEngine:
         self.ds_engine = ds_engine
         self.config = config
         self.optimizer = optimizer
-        self.loss_fn = loss_fn or _model_loss
+        self.loss_fn = loss_fn or model_loss
         self.fused_pass = FusedPass(self.module, optimizer.shards, optimizer.direction, config.eps) if config.fused else None
         self.global_step = 0
         self.consecutive_skips = 0
@@ -225,13 +227,3 @@ class SubZeroEngine:
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive ZO steps had a non-finite loss (``subzero.max_consecutive_skips``)."""
 
-
-def _model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
-    output = model(**batch, **no_cache)
-    if getattr(output, "loss", None) is None:
-        raise ValueError(
-            "the model returned no loss for this batch: include `labels` in the batch, or pass "
-            "`loss_fn(model, batch) -> Tensor` to subzero_ds.initialize."
-        )
-    return output.loss

@@ -32,8 +32,12 @@ import torch
 from torch import nn
 
 from .distributed import log
+from .loss import CHUNKED_LOSS_TYPES, language_model_loss, loss_type
 from .optimizer import Direction, LowRank
 from .shards import ParamShard
+
+
+UPCAST_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per chunk of a half-precision layer input
 
 
 class FusedPassError(RuntimeError):
@@ -138,7 +142,7 @@ class FusedPass:
             inputs = args[0]
             signs = self._signs(inputs.shape[0], inputs.ndim + (1 if embedding else 0), module)
             if weight is not None:
-                projected = left[inputs] if embedding else inputs.to(torch.float32) @ left  # rows × r, fp32
+                projected = left[inputs] if embedding else _project(inputs, left)  # rows × r, fp32
                 projected = (projected * signs).to(output.dtype)
                 if output.dtype not in right_in:
                     right_in[output.dtype] = right.to(output.dtype)
@@ -233,19 +237,24 @@ class _HalfModel:
 
 
 def _model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss the model's forward computes from ``labels`` (causal and masked LMs)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    loss_type = getattr(base, "loss_type", None) or "ForCausalLM"
-    if loss_type not in ("ForCausalLM", "ForMaskedLM"):
+    """The loss the model's forward computes from ``labels`` (causal and masked LMs), in chunks."""
+    kind = loss_type(model) or "ForCausalLM"
+    if kind not in CHUNKED_LOSS_TYPES:
         raise FusedPassError(
             f"the fused ± pass computes ℓ+ and ℓ− from the logits, and knows causal- and masked-LM losses only; "
-            f"this model's loss type is {loss_type!r}. Pass `loss_fn(model, batch)` computing the loss from "
+            f"this model's loss type is {kind!r}. Pass `loss_fn(model, batch)` computing the loss from "
             'the logits to subzero_ds.initialize, or set "fused": false in the "subzero" section.'
         )
-    virtual = logits.shape[1] - labels.shape[1]  # prompt tuning prepends virtual tokens; peft pads their labels
-    if virtual > 0:
-        labels = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
-    return base.loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)
+    return language_model_loss(model, logits, labels)
+
+
+def _project(inputs: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """x·V in fp32; a half-precision x is upcast a chunk of rows at a time, never whole (fc2's input is ffn wide)."""
+    if inputs.dtype == torch.float32:
+        return inputs @ left
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    rows = max(1, UPCAST_CHUNK_ELEMENTS // flat.shape[-1])
+    return torch.cat([chunk.float() @ left for chunk in flat.split(rows)]).view(*inputs.shape[:-1], -1)
 
 
 def _doubled(values: Any) -> Any:

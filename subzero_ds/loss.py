@@ -1,0 +1,67 @@
+"""The language-model loss of a forward, computed in row chunks.
+
+Hugging Face's causal/masked-LM loss upcasts the whole logits tensor to fp32 and log-softmaxes it:
+two more logits-sized tensors (for OPT-125M at 16 × 128 tokens, 2 × 412 MB) at the peak of a ZO
+step, which otherwise needs little beyond inference. The same mean token cross-entropy, summed
+over chunks of rows, holds only one chunk's fp32 copy at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 22  # fp32 upcast + log-softmax of one chunk: 2 × 16 MiB
+CHUNKED_LOSS_TYPES = ("ForCausalLM", "ForMaskedLM")
+
+
+def loss_type(model: nn.Module) -> str | None:
+    """The model's Hugging Face loss type ("ForCausalLM", "ForMaskedLM", …; None if it has none), peft unwrapped."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "loss_type", None)
+
+
+def language_model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss ``model``'s forward computes from ``labels``, without materialising fp32 logits.
+
+    Causal LMs (and models without a loss type) predict token t+1 at position t; masked LMs score
+    every labelled position. Labels of
+    -100 are ignored. Logits longer than the labels (peft prompt tuning prepends virtual tokens)
+    get ignored labels for the extra leading positions, as peft does.
+    """
+    virtual = logits.shape[1] - labels.shape[1]
+    if virtual > 0:
+        labels = torch.cat([labels.new_full((labels.shape[0], virtual), IGNORE_INDEX), labels], dim=1)
+    if loss_type(model) != "ForMaskedLM":
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device))
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean fp32 cross-entropy of ``logits`` (rows × vocab) over ``targets`` ≠ -100, a chunk of rows at a time."""
+    rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], rows):
+        chunk = logits[start : start + rows].float()
+        total += F.cross_entropy(chunk, targets[start : start + rows], ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum()
+
+
+def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """``model(**batch).loss``, with the language-model loss computed in chunks (no KV cache)."""
+    no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if labels is not None and loss_type(model) in CHUNKED_LOSS_TYPES:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return language_model_loss(model, model(**inputs, **no_cache).logits, labels)
+    output = model(**batch, **no_cache)
+    if getattr(output, "loss", None) is None:
+        raise ValueError(
+            "the model returned no loss for this batch: include `labels` in the batch, or pass "
+            "`loss_fn(model, batch) -> Tensor` to subzero_ds.initialize."
+        )
+    return output.loss
