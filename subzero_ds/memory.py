@@ -18,10 +18,12 @@ What a rank holds during a ZO step (no gradients, no optimizer state):
   its parameters are copied out. A tied embedding that the LM head reuses within
   ``stage3_max_reuse_distance`` elements stays gathered for the whole forward;
 - **activations**, inference style: nothing outlives its layer, so the peak is the larger of a
-  decoder layer's working set and the LM head + loss (logits over the vocabulary, their fp32 copy and
-  log-softmax; the LM head's weight is released before the loss). Fused mode runs one forward over the doubled batch [B; B]: activations double, and
-  each side path adds an fp32 delta as wide as its Linear's output (the LM head's: the logits'
-  size); the right factors C·Uᵀ of every trainable matrix are built for the whole step;
+  decoder layer's working set and the LM head + loss (the logits over the vocabulary; the loss
+  upcasts and log-softmaxes them a chunk of rows at a time; the LM head's weight is released
+  before the loss). Fused mode runs one forward over the doubled batch [B; B]: activations
+  double, each side path accumulates x·V·(C·Uᵀ) into its Linear's output in place (holding x·V
+  and, in half precision, an fp32 chunk of the input), and the right factors C·Uᵀ of every
+  trainable matrix are built for the whole step;
 - **in-place backup** (not in fused mode): a copy of this rank's trainable shard in the parameter
   dtype for exact restore, plus a whole copy of every persistent trainable parameter; it lives
   where the shards live (CPU memory under NVMe offload: DeepSpeed does not swap it);
@@ -54,10 +56,13 @@ from typing import Any
 
 GiB = 2**30
 
-# Chunk sizes of subzero_ds.perturbation, repeated here so the planner does not import torch
-# (tests/unit/test_memory.py checks they agree).
+# Chunk sizes of subzero_ds.perturbation and subzero_ds.loss, repeated here so the planner does not
+# import torch (tests/unit/test_memory.py checks they agree).
 GAUSSIAN_BLOCK = 1 << 16
 LOWRANK_ROWS = 64
+LOSS_CHUNK_ELEMENTS = 1 << 22
+LOSS_CHUNK_BYTES = 2 * LOSS_CHUNK_ELEMENTS * 4  # one chunk's fp32 upcast and log-softmax
+SIDE_PATH_UPCAST_BYTES = (1 << 22) * 4  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS in fp32
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -487,31 +492,28 @@ def _layer_activation_elements(arch: Architecture, tokens: int, batch: BatchShap
     return max(attn, mlp)
 
 
-def _lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int, fused: bool = False, add_temps: int = 0) -> float:
-    """Peak bytes of the LM head and the loss over ``tokens`` tokens (the doubled batch when fused).
+def _lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int, rank: int, fused: bool = False) -> float:
+    """Peak bytes of the LM head and the ZO loss over ``tokens`` tokens (the doubled batch when fused).
 
-    In-place: the logits in the model dtype, their fp32 upcast in the loss (if not fp32) and
-    log-softmax's fp32 output, plus the final hidden states. Fused: the doubled logits stay alive
-    while each half's loss is computed from its half (upcast + log-softmax over half the tokens),
-    and before that the LM head's side path adds an fp32 delta as large as the doubled logits
-    (``add_temps`` more fp32 temporaries of that size where the mixed-dtype in-place add needs them).
+    The logits in the model dtype and the final hidden states; the loss (``subzero_ds.loss``)
+    upcasts and log-softmaxes one chunk of rows at a time. Fused: the LM head's side path
+    accumulates into the logits in place, holding x·V (tokens × r, fp32).
     """
-    upcast = 4 if dtype_bytes != 4 else 0
     hidden = tokens * arch.hidden * dtype_bytes
-    if not fused:
-        return tokens * arch.vocab * (dtype_bytes + upcast + 4) + hidden
-    side_path = (1 + add_temps) * tokens * arch.vocab * 4 + tokens * arch.hidden * 4  # delta (+ temps), fp32 input
-    half_loss = tokens // 2 * arch.vocab * (upcast + 4)
-    return tokens * arch.vocab * dtype_bytes + max(side_path, half_loss) + hidden
+    side_path = tokens * rank * 4 + _upcast_chunk_bytes(dtype_bytes) if fused else 0
+    return tokens * arch.vocab * dtype_bytes + hidden + max(side_path, LOSS_CHUNK_BYTES)
 
 
-def _mixed_add_temporaries(zero: ZeroSettings, device: str) -> int:
-    """fp32 temporaries, each the size of a Linear's output, of the fused side path's ``output.add_(delta)``.
+def _upcast_chunk_bytes(dtype_bytes: int) -> int:
+    """The fused side path upcasts a half-precision layer input a chunk of rows at a time."""
+    return 0 if dtype_bytes == 4 else SIDE_PATH_UPCAST_BYTES
 
-    A bf16/fp16 output plus an fp32 delta, in place: CUDA casts inside the kernel (none), but the
-    CPU path materialises two fp32 tensors of the output's size (measured: 2.0× the delta's bytes).
-    """
-    return 2 if zero.fused and device == "cpu" and zero.dtype_bytes != 4 else 0
+
+def _hf_lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int) -> float:
+    """Peak bytes of the LM head and Hugging Face's own loss: the logits, their fp32 upcast
+    (if not fp32) and log-softmax's fp32 output, plus the final hidden states."""
+    upcast = 4 if dtype_bytes != 4 else 0
+    return tokens * arch.vocab * (dtype_bytes + upcast + 4) + tokens * arch.hidden * dtype_bytes
 
 
 def _direction_bytes(arch: Architecture, zero: ZeroSettings) -> tuple[float, float]:
@@ -621,12 +623,12 @@ def _zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: B
     layer_gathered += staging
     layer_act = _layer_activation_elements(arch, tokens, batch, attention) * p
     if zero.fused:
-        # The widest Linear's side path: x·V (tokens × r) and its fp32 delta (tokens × ffn), added in place.
-        layer_act += tokens * zero.rank * 4 + (1 + _mixed_add_temporaries(zero, device)) * tokens * arch.ffn * 4
+        # A Linear's side path: x·V (tokens × r, fp32), accumulated into the output in place.
+        layer_act += tokens * zero.rank * 4 + _upcast_chunk_bytes(p)
     # The LM head: its weight is gathered for the matmul and released by DeepSpeed's post-forward
     # hook (the trace's last use) before the loss, and before the fused side path's hook runs.
     matmul = (arch.embedding_params * p, tokens * (arch.vocab + arch.hidden) * p)
-    after = (0, _lm_head_bytes(arch, tokens, p, zero.fused, _mixed_add_temporaries(zero, device)))
+    after = (0, _lm_head_bytes(arch, tokens, p, zero.rank, zero.fused))
     head_gathered, head_act = max(matmul, after, key=sum)
     if layer_gathered * p + layer_act >= head_gathered + head_act:
         moment, gathered, act = "a decoder layer", layer_gathered * p, layer_act
@@ -693,7 +695,7 @@ def _backward_activation_bytes(arch: Architecture, batch: BatchShape, dtype_byte
     per_token = 2 * h + 2 * h + 2 * kv + h + (2 if arch.family == "opt" else 4) * f
     if attention == "eager":
         per_token += 2 * arch.heads * batch.seq_len
-    return arch.layers * tokens * per_token * dtype_bytes + _lm_head_bytes(arch, tokens, dtype_bytes)
+    return arch.layers * tokens * per_token * dtype_bytes + _hf_lm_head_bytes(arch, tokens, dtype_bytes)
 
 
 def _first_order_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: BatchShape, device: str,

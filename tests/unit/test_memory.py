@@ -98,10 +98,12 @@ def test_builtin_parameter_counts():
     assert counts["llama-2-70b"] == pytest.approx(68.98, abs=0.02)
 
 
-def test_chunk_constants_match_perturbation():
-    from subzero_ds import perturbation
+def test_chunk_constants_match_perturbation_and_loss():
+    from subzero_ds import fused, loss, perturbation
 
     assert (memory.GAUSSIAN_BLOCK, memory.LOWRANK_ROWS) == (perturbation.GAUSSIAN_BLOCK, perturbation.LOWRANK_ROWS)
+    assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
+    assert memory.SIDE_PATH_UPCAST_BYTES == fused.UPCAST_CHUNK_ELEMENTS * 4
 
 
 # --- accounting ---------------------------------------------------------------------------------
@@ -109,19 +111,25 @@ def test_chunk_constants_match_perturbation():
 
 def test_fused_doubles_activations_and_drops_the_backup():
     batch, cluster = BatchShape(16, 2048), Cluster(1, 8)
-    fp32 = lambda fused: {**ds_config(fused=fused), "bf16": {"enabled": False}}
-    in_place = estimate("opt-13b", fp32(False), cluster, batch)
-    fused = estimate("opt-13b", fp32(True), cluster, batch)
-    assert in_place.peak_moment == fused.peak_moment == "the LM head and loss"
-    assert item(fused, "forward activations").gpu == pytest.approx(2 * item(in_place, "forward activations").gpu, rel=0.05)  # + fp32 LM-head input copy
-    assert item(in_place, "in-place backup").gpu == pytest.approx(item(in_place, "parameter shards").gpu, rel=1e-2)
-    assert not [i for i in fused.items if i.name.startswith("in-place backup")]
-    # bf16: doubled bf16 logits + an fp32 side-path delta as large (6 bytes per doubled-batch logit)
-    # against 2 + 4 + 4 bytes per logit in place: 1.2x, plus the hidden states' share.
-    in_place = estimate("opt-13b", ds_config(fused=False), cluster, batch)
-    fused = estimate("opt-13b", ds_config(fused=True), cluster, batch)
-    ratio = item(fused, "forward activations").gpu / item(in_place, "forward activations").gpu
-    assert 1.2 <= ratio < 1.3
+    for bf16 in (False, True):
+        config = lambda fused: {**ds_config(fused=fused), "bf16": {"enabled": bf16}}
+        in_place = estimate("opt-13b", config(False), cluster, batch)
+        fused = estimate("opt-13b", config(True), cluster, batch)
+        assert in_place.peak_moment == fused.peak_moment
+        # The doubled batch, plus the side path's x·V (tokens × r) and, in bf16, one fp32 input chunk.
+        ratio = item(fused, "forward activations").gpu / item(in_place, "forward activations").gpu
+        assert 2.0 < ratio < 2.05
+        assert item(in_place, "in-place backup").gpu == pytest.approx(item(in_place, "parameter shards").gpu, rel=1e-2)
+        assert not [i for i in fused.items if i.name.startswith("in-place backup")]
+
+
+def test_the_chunked_loss_keeps_only_the_logits_at_the_lm_head():
+    # A wide vocabulary and a short model: the LM head and loss are the peak.
+    batch, cluster = BatchShape(16, 2048), Cluster(1, 8)
+    in_place = estimate("opt-125m", ds_config(fused=False), cluster, batch)
+    assert in_place.peak_moment == "the LM head and loss"
+    logits = 16 * 2048 * 50272 * 2
+    assert logits < item(in_place, "forward activations").gpu < logits * 1.1
 
 
 def test_offload_moves_shards_off_the_gpu():
