@@ -617,8 +617,9 @@ def _zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: B
         layer_gathered = leaf + held
     # A coalesced all-gather lands in one flat buffer of the whole bucket; each parameter is then
     # copied out of it (torch.cat), and the buffer lives until the bucket's last parameter is used.
-    # A held tied embedding is gathered once and never re-fetched: it is not in the prefetch stream.
-    stream = arch.total_params - persistent // p - (held if zero.prefetch_bucket else 0)
+    # The first bucket starts with the embedding, so a model smaller than a bucket is staged whole
+    # (measured: OPT-40M peaks in decoder layer 0 with the whole model gathered and staged).
+    stream = arch.total_params - persistent // p
     staging = min(zero.prefetch_bucket + leaf, stream) if zero.prefetch_bucket else leaf
     layer_gathered += staging
     layer_act = _layer_activation_elements(arch, tokens, batch, attention) * p
