@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def parse_args() -> argparse.Namespace:
     )  # fmt: skip
 
 
+def allocator_note() -> str:
+    """The workers inherit the environment: say whether glibc returns freed blocks to the OS."""
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if threshold:
+        return (f"glibc with `MALLOC_MMAP_THRESHOLD_={threshold}` in every row (freed blocks above it go back to "
+                "the OS, so RSS tracks live tensors, as GPU memory would).")
+    return "glibc as shipped (freed blocks up to its adaptive mmap threshold, ≤ 32 MiB, may stay in the heap)."
+
+
 def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, wall_s: float) -> str:
     """The table: peak RSS above imports per rank, and each ZO row against first-order of the same model and dtype."""
     first_order = {(r.configuration.model, r.configuration.dtype): r for r in rows if r.configuration.method == FIRST_ORDER}
@@ -67,7 +77,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         f"Models (random weights): {models_note(rows)} ZeRO-3 over {world_size} ranks, CPU + gloo, "
         f"{args.threads} torch thread(s) per rank. Batch {args.batch_size} × {args.seq_len} tokens per rank, "
         f"{args.warmup} warm-up + {args.steps} measured step(s) per fresh worker process. "
-        f"Wall time {wall_s / 60:.1f} min.",
+        f"Wall time {wall_s / 60:.1f} min. Allocator: {allocator_note()}",
         "",
         "| model | dtype | method | mode | step s | peak RSS MiB per rank | above imports MiB per rank "
         "| peak once built, above imports | ÷ first-order (larger rank) |",
