@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import step_cost
 import torch
 import torch.distributed as dist
 from step_cost import (  # bench/ is the script's directory
@@ -265,22 +266,13 @@ def run_launched(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    import logging
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("subzero_ds").addHandler(handler)
-    logging.getLogger("subzero_ds").setLevel(logging.INFO)
+    step_cost.show_progress()
     if args.worker:
         run_worker(args)
     if args.rerender:
         rerender(args)
         return
-    try:
-        run_launched(args)
-    except RuntimeError as error:
-        log(str(error), all_ranks=True)
-        exit_cleanly(1)
+    step_cost.run_or_exit(lambda: run_launched(args))
     exit_cleanly(0)
 
 

@@ -26,7 +26,6 @@ Target of the issue: ZO ≤ 0.35× first-order.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import time
 from pathlib import Path
@@ -112,16 +111,9 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
 def main() -> None:
     """Run every configuration in fresh workers; rank 0 prints the report and writes it."""
     args = parse_args()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("subzero_ds").addHandler(handler)
-    logging.getLogger("subzero_ds").setLevel(logging.INFO)
+    step_cost.show_progress()
     init_distributed()
-    try:
-        rows = run_all(args)
-    except RuntimeError as error:
-        log(str(error), all_ranks=True)
-        exit_cleanly(1)
+    rows = step_cost.run_or_exit(lambda: run_all(args))
     if dist.get_rank() == 0:
         report = markdown_report(rows, args, dist.get_world_size(), time.time() - psutil.Process().create_time())
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -143,21 +142,14 @@ def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, command:
 def main() -> None:
     """Run every (size, method, mode) in fresh workers; rank 0 prints the table and writes table and plot."""
     args = parse_args()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("subzero_ds").addHandler(handler)
-    logging.getLogger("subzero_ds").setLevel(logging.INFO)
+    step_cost.show_progress()
     if args.plot_only:
         rows = json.loads(args.output.with_suffix(".json").read_text())
         command = args.output.read_text().split("`")[1] if args.output.exists() else "(earlier run)"
         print(write_outputs(rows, args, command, None))
         return
     init_distributed()
-    try:
-        run_all(args)  # also writes the rows as JSON next to --output
-    except RuntimeError as error:
-        log(str(error), all_ranks=True)
-        exit_cleanly(1)
+    step_cost.run_or_exit(lambda: run_all(args))  # also writes the rows as JSON next to --output
     if dist.get_rank() == 0:
         rows = json.loads(args.output.with_suffix(".json").read_text())
         wall_s = time.time() - psutil.Process().create_time()

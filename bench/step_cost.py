@@ -63,7 +63,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import psutil
 import torch
@@ -77,6 +77,7 @@ from subzero_ds.distributed import exit_process, free_port, get_world_size_and_r
 
 RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
 
+T = TypeVar("T")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIRST_ORDER = "first-order"
 METHODS = ("subzero", "mezo", FIRST_ORDER)
@@ -869,20 +870,30 @@ def exit_cleanly(status: int) -> None:
     exit_process(status)
 
 
-def main() -> None:
-    """Entry point of the launched process and of the workers it starts."""
-    args = parse_args()
+def show_progress() -> None:
+    """Print subzero_ds's INFO lines (the benchmarks' progress) with timestamps."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logging.getLogger("subzero_ds").addHandler(handler)
     logging.getLogger("subzero_ds").setLevel(logging.INFO)
-    if args.worker:
-        run_worker(args)  # never returns: ends the worker process
+
+
+def run_or_exit(run: Callable[[], T]) -> T:
+    """``run()``; a RuntimeError (a failed worker) is logged on every rank and ends the process with status 1."""
     try:
-        run_launched(args)
+        return run()
     except RuntimeError as error:
         log(str(error), all_ranks=True)
         exit_cleanly(1)
+
+
+def main() -> None:
+    """Entry point of the launched process and of the workers it starts."""
+    args = parse_args()
+    show_progress()
+    if args.worker:
+        run_worker(args)  # never returns: ends the worker process
+    run_or_exit(lambda: run_launched(args))
     exit_cleanly(0)
 
 
