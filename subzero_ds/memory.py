@@ -213,7 +213,8 @@ _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def load_architecture(model: str | os.PathLike | Architecture) -> Architecture:
-    """A built-in model name, a Hugging Face ``config.json`` (or the directory holding it), or an Architecture.
+    """A built-in model name, a Hugging Face ``config.json`` (or the directory holding it), a hub id
+    (its config from the local Hugging Face cache, or downloaded), or an Architecture.
 
     Raises:
         MemoryPlanError: unknown name, missing file, or a config of an unsupported model type.
@@ -227,16 +228,38 @@ def load_architecture(model: str | os.PathLike | Architecture) -> Architecture:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise MemoryPlanError(
-            f"model {text!r} is neither a built-in model name nor an existing config file or directory. "
-            f"Use one of {', '.join(BUILTIN_MODELS)}, or the path of a Hugging Face config.json (or of the "
-            "directory holding it); hub ids cannot be fetched offline."
-        )
+        if not _looks_like_hub_id(text):
+            raise MemoryPlanError(
+                f"model {text!r} is neither a built-in model name nor an existing config file or directory. "
+                f"Use one of {', '.join(BUILTIN_MODELS)}, the path of a Hugging Face config.json (or of the "
+                "directory holding it), or a hub id such as facebook/opt-13b."
+            )
+        return architecture_from_config(_hub_config(text), source=text)
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise MemoryPlanError(f"model config {str(path)!r} could not be read as JSON ({e}). Fix or replace the file.") from None
     return architecture_from_config(config, source=str(path))
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """'org/name': one slash, not a path (absolute, relative, home) and not a .json file name."""
+    return text.count("/") == 1 and not text.startswith(("/", ".", "~")) and not text.endswith(".json")
+
+
+def _hub_config(model_id: str) -> dict[str, Any]:
+    """The config.json of hub model ``model_id``, through the Hugging Face cache (and the network if allowed)."""
+    from transformers import AutoConfig  # only here: the planner otherwise starts without transformers
+
+    try:
+        return AutoConfig.from_pretrained(model_id).to_dict()
+    except (OSError, ValueError) as e:
+        raise MemoryPlanError(
+            f"model {model_id!r} is not a built-in model name or an existing config file or directory, and as a "
+            f"hub id its config could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}). Check the "
+            "id, download it first (`hf download ID config.json`) where the hub is reachable, or pass the path of "
+            f"its config.json; built-in names: {', '.join(BUILTIN_MODELS)}."
+        ) from None
 
 
 def architecture_from_config(config: Mapping[str, Any], source: str = "the model config") -> Architecture:
@@ -822,7 +845,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="subzero-memory",
         description="Predict per-rank GPU/CPU/NVMe memory of a SubZero/MeZO ZeRO-3 run (and of first-order AdamW).",
     )
-    parser.add_argument("--model", help=f"built-in name ({', '.join(BUILTIN_MODELS)}) or a config.json path/directory")
+    parser.add_argument("--model", help=f"built-in name ({', '.join(BUILTIN_MODELS)}), a config.json path/directory, or a hub id "
+                        "(e.g. facebook/opt-13b; its config through the Hugging Face cache)")
     parser.add_argument("--config", help="DeepSpeed JSON config (ZeRO stage 3, with a \"subzero\" section)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)

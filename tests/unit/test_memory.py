@@ -238,3 +238,21 @@ def test_eager_attention_counts_the_score_matrices():
 def test_cli_table_rejects_a_zero_batch(capsys):
     assert memory.main(["--table", "--batch-size", "0"]) == 2
     assert "`batch_size` is 0" in capsys.readouterr().err
+
+
+def test_a_hub_id_is_read_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+    from transformers import OPTConfig
+
+    # The cache layout huggingface_hub reads offline: models--org--name/{refs/main, snapshots/<rev>/}.
+    snapshot = tmp_path / "hub" / "models--acme--opt-tiny" / "snapshots" / "0123abcd"
+    OPTConfig(hidden_size=256, num_hidden_layers=3, ffn_dim=1024, num_attention_heads=4, vocab_size=1000,
+              word_embed_proj_dim=256).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    arch = memory.load_architecture("acme/opt-tiny")
+    assert (arch.hidden, arch.layers, arch.ffn, arch.vocab) == (256, 3, 1024, 1000)
+    with pytest.raises(MemoryPlanError, match="'acme/not-cached'.*hf download"):
+        memory.load_architecture("acme/not-cached")
