@@ -8,6 +8,7 @@ over chunks of rows, holds only one chunk's fp32 copy at a time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(**batch).loss``, with the language-model loss computed in chunks (no KV cache)."""
     no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
-    labels = batch.get("labels") if isinstance(batch, dict) else None
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None  # dicts, BatchEncoding
     if labels is not None and loss_type(model) in CHUNKED_LOSS_TYPES:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return language_model_loss(model, model(**inputs, **no_cache).logits, labels)

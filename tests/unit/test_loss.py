@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
-from transformers import RobertaConfig, RobertaForMaskedLM
+from transformers import BatchEncoding, RobertaConfig, RobertaForMaskedLM
 
 from subzero_ds import loss as loss_module
 from subzero_ds.demo import VOCAB, pattern_batch, tiny_model
@@ -58,7 +58,8 @@ def test_prompt_tuning_loss_skips_the_virtual_tokens(small_chunks):
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_the_loss_upcasts_one_chunk_of_rows_at_a_time(small_chunks, monkeypatch):
+@pytest.mark.parametrize("container", [dict, BatchEncoding], ids=["dict", "BatchEncoding"])
+def test_the_loss_upcasts_one_chunk_of_rows_at_a_time(container, small_chunks, monkeypatch):
     seen_rows = []
     cross_entropy = torch.nn.functional.cross_entropy
 
@@ -68,7 +69,7 @@ def test_the_loss_upcasts_one_chunk_of_rows_at_a_time(small_chunks, monkeypatch)
 
     monkeypatch.setattr(loss_module.F, "cross_entropy", recording)
     with torch.no_grad():
-        model_loss(tiny_model("opt").to(torch.bfloat16), pattern_batch(4, seq_len=12))
+        model_loss(tiny_model("opt").to(torch.bfloat16), container(pattern_batch(4, seq_len=12)))
     assert seen_rows == [5] * 9 + [3]  # 48 rows
 
 
