@@ -30,9 +30,8 @@ def language_model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Te
     """The loss ``model``'s forward computes from ``labels``, without materialising fp32 logits.
 
     Causal LMs (and models without a loss type) predict token t+1 at position t; masked LMs score
-    every labelled position. Labels of
-    -100 are ignored. Logits longer than the labels (peft prompt tuning prepends virtual tokens)
-    get ignored labels for the extra leading positions, as peft does.
+    every labelled position. Labels of -100 are ignored. Logits longer than the labels (peft prompt
+    tuning prepends virtual tokens) get ignored labels for the extra leading positions, as peft does.
     """
     virtual = logits.shape[1] - labels.shape[1]
     if virtual > 0:
