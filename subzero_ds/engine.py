@@ -176,8 +176,11 @@ class SubZeroEngine:
     def _fused_losses(self, batch: Batch, step: int) -> tuple[float, float]:
         """ℓ+, ℓ− from one forward over [batch; batch]; the shards are not touched."""
         self.module.eval()  # dropout off: both halves must see the same function
-        with torch.no_grad(), self.fused_pass.active(step):
-            return half_losses(self.loss_fn, self.module, batch)
+        with torch.no_grad():
+            if self.loss_fn is model_loss and self.fused_pass.serves_language_model_loss(batch):
+                return self.fused_pass.language_model_losses(batch, step)  # the LM head in chunks of rows
+            with self.fused_pass.active(step):
+                return half_losses(self.loss_fn, self.module, batch)
 
     def _skip_update(self, step: int, loss_pos: float, loss_neg: float) -> None:
         """Leave the weights exactly as before this step; stop after too many such steps in a row."""

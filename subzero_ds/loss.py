@@ -27,18 +27,24 @@ def loss_type(model: nn.Module) -> str | None:
 
 
 def language_model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss ``model``'s forward computes from ``labels``, without materialising fp32 logits.
+    """The loss ``model``'s forward computes from ``labels``, without materialising fp32 logits."""
+    targets = token_targets(model, labels, logits.shape[1]).reshape(-1).to(logits.device)
+    return chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
+
+
+def token_targets(model: nn.Module, labels: torch.Tensor, length: int) -> torch.Tensor:
+    """The target of each logits position (rows × ``length``; -100: not scored).
 
     Causal LMs (and models without a loss type) predict token t+1 at position t; masked LMs score
     every labelled position. Labels of -100 are ignored. Logits longer than the labels (peft prompt
     tuning prepends virtual tokens) get ignored labels for the extra leading positions, as peft does.
     """
-    virtual = logits.shape[1] - labels.shape[1]
+    virtual = length - labels.shape[1]
     if virtual > 0:
         labels = torch.cat([labels.new_full((labels.shape[0], virtual), IGNORE_INDEX), labels], dim=1)
     if loss_type(model) != "ForMaskedLM":
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device))
+    return labels
 
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ What a rank holds during a ZO step (no gradients, no optimizer state):
   upcasts and log-softmaxes them a chunk of rows at a time; the LM head's weight is released
   before the loss). Fused mode runs one forward over the doubled batch [B; B]: activations
   double, each side path accumulates x·V·(C·Uᵀ) into its Linear's output in place (holding x·V
-  and, in half precision, an fp32 chunk of the input), and the right factors C·Uᵀ of every
+  and, in half precision, an fp32 chunk of the input; the LM head computes and scores its logits a
+  chunk of rows at a time), and the right factors C·Uᵀ of every
   trainable matrix are built for the whole step;
 - **in-place backup** (not in fused mode): a copy of this rank's trainable shard in the parameter
   dtype for exact restore, plus a whole copy of every persistent trainable parameter; it lives
@@ -518,13 +519,17 @@ def _layer_activation_elements(arch: Architecture, tokens: int, batch: BatchShap
 def _lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int, rank: int, fused: bool = False) -> float:
     """Peak bytes of the LM head and the ZO loss over ``tokens`` tokens (the doubled batch when fused).
 
-    The logits in the model dtype and the final hidden states; the loss (``subzero_ds.loss``)
-    upcasts and log-softmaxes one chunk of rows at a time. Fused: the LM head's side path
-    accumulates into the logits in place, holding x·V (tokens × r, fp32).
+    In place: the logits in the model dtype and the final hidden states; the loss
+    (``subzero_ds.loss``) upcasts and log-softmaxes one chunk of rows at a time. Fused: the LM
+    head computes, side-paths and scores its logits a chunk of rows at a time inside its forward
+    (``FusedPass.language_model_losses``), so only the hidden states and one chunk's logits exist.
     """
     hidden = tokens * arch.hidden * dtype_bytes
-    side_path = tokens * rank * 4 + _upcast_chunk_bytes(dtype_bytes) if fused else 0
-    return tokens * arch.vocab * dtype_bytes + hidden + max(side_path, LOSS_CHUNK_BYTES)
+    if fused:
+        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // arch.vocab)
+        side_path = chunk_rows * rank * 4 + _upcast_chunk_bytes(dtype_bytes)
+        return hidden + chunk_rows * arch.vocab * dtype_bytes + LOSS_CHUNK_BYTES + side_path
+    return tokens * arch.vocab * dtype_bytes + hidden + LOSS_CHUNK_BYTES
 
 
 def _upcast_chunk_bytes(dtype_bytes: int) -> int:

@@ -144,3 +144,23 @@ def test_fused_mode_keeps_no_backup_of_the_shards():
     engine = subzero_ds.initialize(model=tiny_model("opt"), config=make_config(True))
     assert not engine.optimizer.in_place
     assert all(backup is None for backup in engine.optimizer._backups)
+
+
+def test_the_lm_head_is_computed_and_scored_a_chunk_of_rows_at_a_time(monkeypatch):
+    from subzero_ds import fused
+    from subzero_ds.demo import VOCAB
+
+    monkeypatch.setattr(fused, "LOSS_CHUNK_ELEMENTS", 5 * VOCAB)
+    rows_scored = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def recording(logits, *args, **kwargs):
+        rows_scored.append(logits.shape[0])
+        return cross_entropy(logits, *args, **kwargs)
+
+    reference, _ = run(lambda: tiny_model("opt"), make_config(fused=False), steps=1)
+    monkeypatch.setattr(fused.F, "cross_entropy", recording)
+    results, _ = run(lambda: tiny_model("opt"), make_config(fused=True), steps=1)
+    assert rows_scored == ([5] * 12 + [4]) * 2  # 4 × 16 rows per half: the doubled logits never exist whole
+    torch.testing.assert_close([results[0].loss_pos, results[0].loss_neg],
+                               [reference[0].loss_pos, reference[0].loss_neg], rtol=1e-6, atol=1e-6)
