@@ -654,11 +654,15 @@ def _zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: B
     if zero.fused:
         # A Linear's side path: x·V (tokens × r, fp32), accumulated into the output in place.
         layer_act += tokens * zero.rank * 4 + _upcast_chunk_bytes(p)
-    # The LM head: its weight is gathered for the matmul and released by DeepSpeed's post-forward
-    # hook (the trace's last use) before the loss, and before the fused side path's hook runs.
-    matmul = (arch.embedding_params * p, tokens * (arch.vocab + arch.hidden) * p)
-    after = (0, _lm_head_bytes(arch, tokens, p, zero.rank, zero.fused))
-    head_gathered, head_act = max(matmul, after, key=sum)
+    # The LM head. In place, its weight is gathered for the matmul and released by DeepSpeed's
+    # post-forward hook (the trace's last use) before the loss. Fused, the loss runs inside its
+    # forward, with the weight gathered, a chunk of rows at a time.
+    if zero.fused:
+        head_gathered, head_act = arch.embedding_params * p, _lm_head_bytes(arch, tokens, p, zero.rank, fused=True)
+    else:
+        matmul = (arch.embedding_params * p, tokens * (arch.vocab + arch.hidden) * p)
+        after = (0, _lm_head_bytes(arch, tokens, p, zero.rank))
+        head_gathered, head_act = max(matmul, after, key=sum)
     if layer_gathered * p + layer_act >= head_gathered + head_act:
         moment, gathered, act = "a decoder layer", layer_gathered * p, layer_act
         gathered_name = ("gathered module + prefetch look-ahead" if zero.prefetch_bucket > 0 else "gathered module") + (
