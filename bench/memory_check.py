@@ -58,18 +58,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = 0.15
 
 # OPT-shaped models: (hidden, layers, heads, ffn); vocabulary 50272 and 2048 positions as OPT.
+# opt-tiny (vocabulary 64, 2K parameters) measures the fixed cost of a ZeRO-3 process (not a default).
 MODELS = {
     "opt-10m": (192, 4, 4, 768),
     "opt-40m": (512, 6, 8, 2048),
     "opt-125m": (768, 12, 12, 3072),
+    "opt-tiny": (16, 1, 2, 32),
 }
+DEFAULT_MODELS = ["opt-10m", "opt-40m", "opt-125m"]
 
 
 def opt_config(name: str) -> OPTConfig:
     """The OPTConfig of one of :data:`MODELS` (no KV cache)."""
     hidden, layers, heads, ffn = MODELS[name]
     return OPTConfig(
-        vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
+        vocab_size=64 if name == "opt-tiny" else 50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
         max_position_embeddings=2048, word_embed_proj_dim=hidden, use_cache=False,
     )  # fmt: skip
 
@@ -87,7 +90,7 @@ def ds_config(dtype: str, fused: bool, batch_size: int, prefetch: int) -> dict[s
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS)
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--fused", nargs="+", choices=["off", "on"], default=["off"])
     parser.add_argument("--batch-size", type=int, default=8, help="rows per rank")

@@ -62,8 +62,7 @@ GiB = 2**30
 GAUSSIAN_BLOCK = 1 << 16
 LOWRANK_ROWS = 64
 LOSS_CHUNK_ELEMENTS = 1 << 22
-LOSS_CHUNK_BYTES = 2 * LOSS_CHUNK_ELEMENTS * 4  # one chunk's fp32 upcast and log-softmax
-SIDE_PATH_UPCAST_BYTES = (1 << 22) * 4  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS in fp32
+SIDE_PATH_UPCAST_ELEMENTS = 1 << 22  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -80,8 +79,9 @@ CUDA_RUNTIME_BYTES = 1 * GiB  # CUDA context + NCCL buffers + caching-allocator 
 CPU_PROCESS_BYTES = 1 * GiB  # a Python process with torch, transformers and DeepSpeed imported
 # On a CPU-only run the "GPU" is host RAM and the CPU process is the validation baseline (RSS after
 # the imports); what remains is the process group (gloo, DeepSpeed's shared-memory all-reduce
-# buffers) and the engine's bookkeeping, measured below 10 MiB by bench/memory_check.py.
-CPU_DEVICE_RUNTIME_BYTES = 8 * 2**20
+# buffers) and the engine's bookkeeping, per parameter width: measured above the imports with a
+# 2K-parameter model (`bench/memory_check.py --models opt-tiny`, bench/results/memory_check_fixed_cost.md).
+CPU_DEVICE_RUNTIME_BYTES = {4: 24 * 2**20, 2: 32 * 2**20}
 
 
 class MemoryPlanError(ValueError):
@@ -525,16 +525,22 @@ def _lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int, rank: int,
     (``FusedPass.language_model_losses``), so only the hidden states and one chunk's logits exist.
     """
     hidden = tokens * arch.hidden * dtype_bytes
+    logits = tokens * arch.vocab
     if fused:
-        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // arch.vocab)
-        side_path = chunk_rows * rank * 4 + _upcast_chunk_bytes(dtype_bytes)
-        return hidden + chunk_rows * arch.vocab * dtype_bytes + LOSS_CHUNK_BYTES + side_path
-    return tokens * arch.vocab * dtype_bytes + hidden + LOSS_CHUNK_BYTES
+        chunk_rows = min(tokens // 2, max(1, LOSS_CHUNK_ELEMENTS // arch.vocab))
+        side_path = chunk_rows * rank * 4 + _upcast_chunk_bytes(dtype_bytes, chunk_rows * arch.hidden)
+        return hidden + chunk_rows * arch.vocab * (dtype_bytes + 2 * 4) + side_path
+    return logits * dtype_bytes + hidden + _loss_chunk_bytes(logits)
 
 
-def _upcast_chunk_bytes(dtype_bytes: int) -> int:
-    """The fused side path upcasts a half-precision layer input a chunk of rows at a time."""
-    return 0 if dtype_bytes == 4 else SIDE_PATH_UPCAST_BYTES
+def _loss_chunk_bytes(elements: int) -> int:
+    """One chunk's fp32 upcast and log-softmax (``subzero_ds.loss``), at most the whole logits."""
+    return 2 * min(elements, LOSS_CHUNK_ELEMENTS) * 4
+
+
+def _upcast_chunk_bytes(dtype_bytes: int, elements: int) -> int:
+    """The fused side path upcasts a half-precision layer input (``elements``) a chunk of rows at a time."""
+    return 0 if dtype_bytes == 4 else min(elements, SIDE_PATH_UPCAST_ELEMENTS) * 4
 
 
 def _hf_lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int) -> float:
@@ -653,7 +659,7 @@ def _zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: B
     layer_act = _layer_activation_elements(arch, tokens, batch, attention) * p
     if zero.fused:
         # A Linear's side path: x·V (tokens × r, fp32), accumulated into the output in place.
-        layer_act += tokens * zero.rank * 4 + _upcast_chunk_bytes(p)
+        layer_act += tokens * zero.rank * 4 + _upcast_chunk_bytes(p, tokens * arch.ffn)
     # The LM head. In place, its weight is gathered for the matmul and released by DeepSpeed's
     # post-forward hook (the trace's last use) before the loss. Fused, the loss runs inside its
     # forward, with the weight gathered, a chunk of rows at a time.
@@ -683,13 +689,13 @@ def _zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: B
         factors = sum(count * min(zero.rank, *shape) * shape[0] * 4 for shape, count in arch.shapes() if len(shape) == 2)
         items.append(Item("fused side-path factors C·Uᵀ (fp32)", gpu=factors))
     items.append(Item("direction chunk (fp32)", **{direction_tier: chunk}))
-    items.extend(_runtime_items(device))
+    items.extend(_runtime_items(device, p))
     return [_on_device(item, device) for item in items], moment
 
 
-def _runtime_items(device: str) -> list[Item]:
+def _runtime_items(device: str, dtype_bytes: int) -> list[Item]:
     if device == "cpu":
-        return [Item("runtime (process group, engine)", cpu=CPU_DEVICE_RUNTIME_BYTES)]
+        return [Item("runtime (process group, engine)", cpu=CPU_DEVICE_RUNTIME_BYTES[dtype_bytes])]
     return [Item("runtime (CUDA context, NCCL; Python process)", gpu=CUDA_RUNTIME_BYTES, cpu=CPU_PROCESS_BYTES)]
 
 
@@ -740,7 +746,7 @@ def _first_order_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster,
     items = [Item("model states (DeepSpeed estimator)", gpu=gpu, cpu=0.0 if zero.offload is Offload.NVME else cpu,
                   nvme=cpu if zero.offload is Offload.NVME else 0.0)]  # fmt: skip
     items.append(Item("activations kept for backward", gpu=_backward_activation_bytes(arch, batch, zero.dtype_bytes, attention)))
-    items.extend(_runtime_items(device))
+    items.extend(_runtime_items(device, zero.dtype_bytes))
     return [_on_device(item, device) for item in items]
 
 

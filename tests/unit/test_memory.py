@@ -103,7 +103,7 @@ def test_chunk_constants_match_perturbation_and_loss():
 
     assert (memory.GAUSSIAN_BLOCK, memory.LOWRANK_ROWS) == (perturbation.GAUSSIAN_BLOCK, perturbation.LOWRANK_ROWS)
     assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
-    assert memory.SIDE_PATH_UPCAST_BYTES == fused.UPCAST_CHUNK_ELEMENTS * 4
+    assert memory.SIDE_PATH_UPCAST_ELEMENTS == fused.UPCAST_CHUNK_ELEMENTS
 
 
 # --- accounting ---------------------------------------------------------------------------------
