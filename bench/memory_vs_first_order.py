@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
-import psutil
 import step_cost
 import torch.distributed as dist
 from step_cost import (
@@ -43,7 +41,7 @@ from step_cost import (
     run_all,
 )
 
-from subzero_ds.distributed import init_distributed, log
+from subzero_ds.distributed import init_distributed
 
 TARGET = 0.35
 
@@ -115,11 +113,8 @@ def main() -> None:
     init_distributed()
     rows = step_cost.run_or_exit(lambda: run_all(args))
     if dist.get_rank() == 0:
-        report = markdown_report(rows, args, dist.get_world_size(), time.time() - psutil.Process().create_time())
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
-        print(report, flush=True)
-        log(f"memory_vs_first_order: report written to {args.output}")
+        report = markdown_report(rows, args, dist.get_world_size(), step_cost.wall_seconds())
+        step_cost.publish(report, args.output, "memory_vs_first_order")
     exit_cleanly(0)
 
 

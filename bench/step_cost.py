@@ -852,11 +852,20 @@ def run_launched(args: argparse.Namespace) -> None:
     init_distributed()
     rows = run_all(args)
     if dist.get_rank() == 0:
-        report = markdown_report(rows, args, dist.get_world_size(), time.time() - psutil.Process().create_time())
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
-        print(report, flush=True)
-        log(f"step_cost: report written to {args.output}")
+        publish(markdown_report(rows, args, dist.get_world_size(), wall_seconds()), args.output, "step_cost")
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started."""
+    return time.time() - psutil.Process().create_time()
+
+
+def publish(report: str, output: Path, name: str) -> None:
+    """Write a benchmark's markdown report to ``output`` and print it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    print(report, flush=True)
+    log(f"{name}: report written to {output}")
 
 
 def exit_cleanly(status: int) -> None:
