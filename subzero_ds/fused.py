@@ -34,11 +34,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .distributed import log
-from .loss import CHUNK_ELEMENTS as LOSS_CHUNK_ELEMENTS
-from .loss import CHUNKED_LOSS_TYPES, IGNORE_INDEX, language_model_loss, loss_type, token_targets
+from .loss import CHUNKED_LOSS_TYPES, IGNORE_INDEX, language_model_loss, loss_type, no_cache, scores_language_model
+from .loss import summed_cross_entropy, token_targets
 from .optimizer import Direction, LowRank
 from .shards import ParamShard
 
@@ -124,8 +123,7 @@ class FusedPass:
 
     def serves_language_model_loss(self, batch: Any) -> bool:
         """Whether :meth:`language_model_losses` can compute this batch's default loss."""
-        return (self._head is not None and isinstance(batch, Mapping) and batch.get("labels") is not None
-                and loss_type(self.model) in CHUNKED_LOSS_TYPES)
+        return self._head is not None and scores_language_model(self.model, batch)
 
     def language_model_losses(self, batch: Mapping[str, Any], step: int) -> tuple[float, float]:
         """(ℓ+, ℓ−) of the model's own language-model loss from one forward over [B; B].
@@ -136,37 +134,33 @@ class FusedPass:
         """
         labels = batch["labels"]
         inputs = {k: _doubled(v) for k, v in batch.items() if k != "labels"}
-        if getattr(getattr(self.model, "config", None), "use_cache", None) is not None:
-            inputs["use_cache"] = False
         head, served = self._head, next((s for s in self.served if s.module is self._head), None)
         side_path = self._side_path_hook(served, step) if served is not None else None
         sums = torch.zeros(2, dtype=torch.float32)
         scored: list[torch.Tensor] = []
 
+        def logits(rows: torch.Tensor, sign: float) -> torch.Tensor:
+            out = nn.Linear.forward(head, rows)  # ZeRO-3's hooks around the head's call gathered the weight
+            if side_path is not None:
+                outer, self._sign_of_half = self._sign_of_half, sign
+                try:
+                    side_path(head, (rows,), out)
+                finally:
+                    self._sign_of_half = outer
+            return out
+
         def head_forward(hidden: torch.Tensor) -> torch.Tensor:
             targets = token_targets(self.model, labels, hidden.shape[1]).reshape(-1).to(hidden.device)
             flat = hidden.reshape(-1, hidden.shape[-1])
-            _half_signs(flat.shape[0], 0.0, 1, head)  # raises unless the rows split in halves
-            half_rows = flat.shape[0] // 2
-            rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
+            half_rows = _batch_rows((flat,), {}, head) // 2
             for half, sign in ((0, 1.0), (1, -1.0)):
                 part = flat[half * half_rows : (half + 1) * half_rows]
-                for start in range(0, half_rows, rows):
-                    chunk = part[start : start + rows]
-                    logits = nn.Linear.forward(head, chunk)  # ZeRO-3's hooks around this call gathered the weight
-                    if side_path is not None:
-                        outer, self._sign_of_half = self._sign_of_half, sign
-                        try:
-                            side_path(head, (chunk,), logits)
-                        finally:
-                            self._sign_of_half = outer
-                    sums[half] += F.cross_entropy(logits.float(), targets[start : start + rows],
-                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+                sums[half] = summed_cross_entropy(lambda a, b: logits(part[a:b], sign), targets, head.out_features)
             scored.append((targets != IGNORE_INDEX).sum())
             return hidden.new_zeros(*hidden.shape[:-1], 0)  # the model returns these as its logits
 
         with self.active(step, head_forward):
-            self.model(**inputs)
+            self.model(**inputs, **no_cache(self.model))
         if len(scored) != 1:
             raise FusedPassError(
                 f"the LM head ran {len(scored)} times in one forward; the fused ± pass scores its logits once. "

@@ -8,7 +8,7 @@ over chunks of rows, holds only one chunk's fp32 copy at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -49,22 +49,37 @@ def token_targets(model: nn.Module, labels: torch.Tensor, length: int) -> torch.
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean fp32 cross-entropy of ``logits`` (rows × vocab) over ``targets`` ≠ -100, a chunk of rows at a time."""
-    rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-    total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], rows):
-        chunk = logits[start : start + rows].float()
-        total += F.cross_entropy(chunk, targets[start : start + rows], ignore_index=IGNORE_INDEX, reduction="sum")
+    total = summed_cross_entropy(lambda start, stop: logits[start:stop], targets, logits.shape[-1])
     return total / (targets != IGNORE_INDEX).sum()
+
+
+def summed_cross_entropy(logits_of: Callable[[int, int], torch.Tensor], targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Summed fp32 cross-entropy over ``targets`` ≠ -100, asking ``logits_of(start, stop)`` for the
+    logits of one chunk of rows at a time (at most ``CHUNK_ELEMENTS`` logits)."""
+    rows = max(1, CHUNK_ELEMENTS // vocab)
+    total = torch.zeros((), dtype=torch.float32, device=targets.device)
+    for start in range(0, targets.shape[0], rows):
+        chunk = logits_of(start, start + rows).float()
+        total += F.cross_entropy(chunk, targets[start : start + rows], ignore_index=IGNORE_INDEX, reduction="sum")
+    return total
+
+
+def scores_language_model(model: nn.Module, batch: Any) -> bool:
+    """Whether ``batch`` has labels for a causal- or masked-LM loss of ``model``: the losses computed here."""
+    return isinstance(batch, Mapping) and batch.get("labels") is not None and loss_type(model) in CHUNKED_LOSS_TYPES
+
+
+def no_cache(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for models that take it: a loss forward needs no KV cache."""
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
 def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(**batch).loss``, with the language-model loss computed in chunks (no KV cache)."""
-    no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None  # dicts, BatchEncoding
-    if labels is not None and loss_type(model) in CHUNKED_LOSS_TYPES:
+    if scores_language_model(model, batch):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return language_model_loss(model, model(**inputs, **no_cache).logits, labels)
-    output = model(**batch, **no_cache)
+        return language_model_loss(model, model(**inputs, **no_cache(model)).logits, batch["labels"])
+    output = model(**batch, **no_cache(model))
     if getattr(output, "loss", None) is None:
         raise ValueError(
             "the model returned no loss for this batch: include `labels` in the batch, or pass "

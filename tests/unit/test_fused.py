@@ -147,10 +147,10 @@ def test_fused_mode_keeps_no_backup_of_the_shards():
 
 
 def test_the_lm_head_is_computed_and_scored_a_chunk_of_rows_at_a_time(monkeypatch):
-    from subzero_ds import fused
+    from subzero_ds import loss
     from subzero_ds.demo import VOCAB
 
-    monkeypatch.setattr(fused, "LOSS_CHUNK_ELEMENTS", 5 * VOCAB)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 5 * VOCAB)
     rows_scored = []
     cross_entropy = torch.nn.functional.cross_entropy
 
@@ -159,7 +159,7 @@ def test_the_lm_head_is_computed_and_scored_a_chunk_of_rows_at_a_time(monkeypatc
         return cross_entropy(logits, *args, **kwargs)
 
     reference, _ = run(lambda: tiny_model("opt"), make_config(fused=False), steps=1)
-    monkeypatch.setattr(fused.F, "cross_entropy", recording)
+    monkeypatch.setattr(loss.F, "cross_entropy", recording)
     results, _ = run(lambda: tiny_model("opt"), make_config(fused=True), steps=1)
     assert rows_scored == ([5] * 12 + [4]) * 2  # 4 × 16 rows per half: the doubled logits never exist whole
     torch.testing.assert_close([results[0].loss_pos, results[0].loss_neg],
