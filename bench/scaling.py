@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import step_cost
 import torch.distributed as dist
 from step_cost import FIRST_ORDER, MODELS, command_line, exit_cleanly, run_all
@@ -152,7 +150,7 @@ def main() -> None:
     step_cost.run_or_exit(lambda: run_all(args))  # also writes the rows as JSON next to --output
     if dist.get_rank() == 0:
         rows = json.loads(args.output.with_suffix(".json").read_text())
-        wall_s = time.time() - psutil.Process().create_time()
+        wall_s = step_cost.wall_seconds()
         print(write_outputs(rows, args, command_line(dist.get_world_size(), "bench/scaling.py"), wall_s), flush=True)
         log(f"scaling: table and plot written to {args.output} and {args.output.with_suffix('.png')}")
     exit_cleanly(0)

@@ -529,7 +529,7 @@ def _lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int, rank: int,
     if fused:
         chunk_rows = min(tokens // 2, max(1, LOSS_CHUNK_ELEMENTS // arch.vocab))
         side_path = chunk_rows * rank * 4 + _upcast_chunk_bytes(dtype_bytes, chunk_rows * arch.hidden)
-        return hidden + chunk_rows * arch.vocab * (dtype_bytes + 2 * 4) + side_path
+        return hidden + chunk_rows * arch.vocab * dtype_bytes + _loss_chunk_bytes(chunk_rows * arch.vocab) + side_path
     return logits * dtype_bytes + hidden + _loss_chunk_bytes(logits)
 
 
