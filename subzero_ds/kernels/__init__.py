@@ -1,0 +1,131 @@
+"""Device kernels of a ZO pass: counter-based Gaussian directions, generated and applied in one pass.
+
+One operation serves every write the optimizer makes::
+
+    out = round(beta · src + alpha · d)       d = the Gaussian direction (key, offset …) or a dense fp32 tensor
+
+perturb (beta = 1, alpha = ±ε), update (beta = 1 − ηλ, alpha = −ηg) and plain generation (beta = 0).
+It is a ``torch.library`` custom op with a kernel per device: C++ on the host
+(``cpu_kernels.cpp``, built on first use), Triton on CUDA (``cuda.py``); any other device (and a
+host without a compiler) runs the torch reference of ``philox.py``. All three give the same bits.
+Under ``FakeTensorMode`` the op only checks that its tensors share one device, as the real kernels
+require.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+
+from . import philox
+from .philox import GENERATOR
+
+__all__ = ["GENERATOR", "apply_", "gaussian", "direction_key"]
+
+logger = logging.getLogger("subzero_ds")
+_REFERENCE_CHUNK = 1 << 18  # elements per step of the torch reference (its int64 temporaries)
+
+
+def direction_key(seed: int) -> tuple[int, int]:
+    """The Philox key (two 32-bit words) of a 64-bit seed."""
+    return seed & philox.MASK32, (seed >> 32) & philox.MASK32
+
+
+def apply_(out: torch.Tensor, src: torch.Tensor, *, beta: float, alpha: float, key: tuple[int, int] = (0, 0),
+           offset: int = 0, dense: torch.Tensor | None = None, rounding_key: tuple[int, int] | None = None
+           ) -> torch.Tensor:
+    """``out = round(beta·src + alpha·d)`` elementwise, in fp32, rounded to ``out``'s dtype.
+
+    Args:
+        out: 1-D contiguous tensor written in place (may be ``src`` itself).
+        src: 1-D tensor of ``out``'s dtype, device and size; not read when ``beta`` is 0.
+        beta, alpha: the coefficients (applied as fp32).
+        key: Philox key of the Gaussian direction; element i of ``out`` gets its element ``offset + i``.
+        offset: flat position of ``out[0]`` in the whole direction.
+        dense: an fp32 direction slice to use instead of the Gaussian one.
+        rounding_key: round a bf16 ``out`` stochastically with these random bits (position ``offset + i``)
+            instead of to nearest.
+
+    Returns:
+        ``out``.
+    """
+    _apply(out, src, dense, float(beta), float(alpha), key[0], key[1], offset, rounding_key is not None,
+           *(rounding_key or (0, 0)))
+    return out
+
+
+def gaussian(numel: int, key: tuple[int, int], offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 N(0, 1) values of elements [offset, offset + numel) of the direction with ``key``, on ``device``."""
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    return apply_(out, out, beta=0.0, alpha=1.0, key=key, offset=offset)
+
+
+@torch.library.custom_op("subzero_ds::apply_", mutates_args=("out",))
+def _apply(out: torch.Tensor, src: torch.Tensor, dense: Optional[torch.Tensor], beta: float, alpha: float,
+           key0: int, key1: int, offset: int, stochastic: bool, rkey0: int, rkey1: int) -> None:
+    _reference_apply(out, src, dense, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
+
+
+@_apply.register_kernel("cpu")
+def _apply_cpu(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
+    _check(out, src, dense, stochastic)
+    from .cpu import compiled
+
+    module = compiled()
+    if module is None:
+        _reference_apply(out, src, dense, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
+        return
+    module.apply(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1)
+
+
+@_apply.register_kernel("cuda")
+def _apply_cuda(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
+    _check(out, src, dense, stochastic)
+    from . import cuda
+
+    cuda.apply_(out, src, dense, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
+
+
+@_apply.register_fake
+def _apply_fake(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
+    _check(out, src, dense, stochastic)
+
+
+def _check(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, stochastic: bool) -> None:
+    """The contract every kernel relies on (the real ones would read garbage or crash otherwise)."""
+    tensors = {"out": out, "src": src, **({"dense": dense} if dense is not None else {})}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise RuntimeError(f"subzero_ds::apply_ needs its tensors on one device, got {devices}")
+    if out.dim() != 1 or not out.is_contiguous() or src.numel() != out.numel() or src.dtype != out.dtype:
+        raise RuntimeError(f"subzero_ds::apply_ needs 1-D contiguous out/src of one size and dtype, got "
+                           f"{tuple(out.shape)} {out.dtype} and {tuple(src.shape)} {src.dtype}")
+    if dense is not None and (dense.dtype != torch.float32 or dense.numel() != out.numel()):
+        raise RuntimeError(f"subzero_ds::apply_ needs an fp32 dense direction of {out.numel()} elements")
+    if stochastic and out.dtype not in (torch.bfloat16, torch.float32):
+        raise RuntimeError(f"stochastic rounding is implemented for bf16 (fp32 needs none), not {out.dtype}")
+
+
+def _reference_apply(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, beta: float, alpha: float,
+                     key: tuple[int, int], offset: int, rounding_key: tuple[int, int] | None) -> None:
+    """The torch reference of the kernels (bit-identical to them), a chunk of elements at a time."""
+    _check(out, src, dense, rounding_key is not None)
+    beta32, alpha32 = _as_fp32(beta), _as_fp32(alpha)
+    for lo in range(0, out.numel(), _REFERENCE_CHUNK):
+        hi = min(lo + _REFERENCE_CHUNK, out.numel())
+        d = dense[lo:hi] if dense is not None else philox.normals(offset + lo, offset + hi, key, out.device)
+        kept = beta32 * src[lo:hi].to(torch.float32) if beta32 != 0.0 else 0.0  # beta 0: src unread (as the kernels)
+        value = kept + alpha32 * d
+        if rounding_key is not None and out.dtype == torch.bfloat16:
+            bits = philox.rounding_bits(offset + lo, offset + hi, rounding_key, out.device)
+            out[lo:hi] = philox.stochastic_round_bf16(value, bits)
+        else:
+            out[lo:hi] = value.to(out.dtype)
+
+
+def _as_fp32(value: float) -> float:
+    """``value`` rounded to fp32 as the kernels take it (exactly representable afterwards)."""
+    return float(torch.tensor(value, dtype=torch.float32)) if math.isfinite(value) else value
