@@ -117,8 +117,15 @@ def plot_metrics(metrics: Metrics, output: str | Path, window: int | None = None
 
     Returns:
         The path written.
+
+    Raises:
+        ImportError: matplotlib is not installed (it comes with the extra ``subzero_ds[plot]``).
     """
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    except ImportError as error:
+        raise ImportError(f"plotting needs matplotlib, which did not import ({error}): "
+                          'pip install "subzero_ds[plot]"') from None
 
     output = Path(output)
     loss_evals = {k: s for k, s in metrics.evals.items() if k == f"{EVAL_PREFIX}loss"}
@@ -142,7 +149,7 @@ def plot_metrics(metrics: Metrics, output: str | Path, window: int | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``subzero-plot``; returns the exit status (2 for a bad input file)."""
+    """Entry point of ``subzero-plot``; returns the exit status (2 for a bad input file or no matplotlib)."""
     parser = argparse.ArgumentParser(
         prog="subzero-plot", description="Plot training loss and evaluation metrics from a metrics.jsonl."
     )
@@ -158,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = read_metrics(args.metrics)
         plot_metrics(metrics, output, window=args.window, title=args.title or str(args.metrics))
-    except (MetricsFileError, OSError) as e:
+    except (MetricsFileError, OSError, ImportError) as e:
         print(f"subzero-plot: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {output}")

@@ -216,8 +216,12 @@ def _read_table(path: Path, delimiter: str) -> list[_Row]:
 
 
 def _read_parquet(path: Path) -> list[_Row]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise DataError(f"{path} is a Parquet file, and reading it needs pyarrow, which did not import ({error}): "
+                        'pip install "subzero_ds[hub]" (or pyarrow), or pass the data as JSONL, CSV or TSV') from None
 
     try:
         table = pq.read_table(path)
@@ -231,7 +235,14 @@ def _read_hub(task: Task, split: str) -> tuple[str, list[_Row]]:
         raise DataError(f"task {task.name!r} has no hub dataset: pass --data_dir DIR or --{split}_file FILE")
     hub = task.hub
     source = f"hub dataset {hub.path}" + (f" ({hub.config})" if hub.config else "") + f", split {split}"
-    import datasets
+    try:
+        import datasets
+    except ImportError as error:
+        raise DataError(
+            f"loading {source} needs the `datasets` package, which did not import ({error}): pip install "
+            f'"subzero_ds[hub]", or pass local files: --data_dir DIR (holding e.g. '
+            f"{', '.join(task.candidate_names(split)[:2])}) or --{split}_file FILE."
+        ) from None
 
     try:
         dataset = datasets.load_dataset(hub.path, hub.config, split=split, revision=hub.revision)
