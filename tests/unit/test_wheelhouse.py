@@ -72,6 +72,13 @@ def test_wheelhouse_installs_offline_next_to_torch(registry, tmp_path):
     assert not {n for n in names if n.startswith("nvidia-")} - {"nvidia-ml-py"}  # CUDA libraries
     assert NEEDED <= names, NEEDED - names
 
+    # The project's wheel carries every file of the package, data files (the C++ kernel source) too.
+    (project,) = house.glob("subzero_ds-*.whl")
+    with zipfile.ZipFile(project) as archive:
+        packaged = set(archive.namelist())
+    tracked = _run(["git", "ls-files", "subzero_ds"], cwd=REPO, timeout=60).stdout.split()
+    assert tracked and not set(tracked) - packaged, set(tracked) - packaged
+
     # DeepSpeed is built for CUDA with nothing compiled: every op JIT-builds on the cluster.
     (deepspeed,) = house.glob("deepspeed-*-py3-none-any.whl")
     with zipfile.ZipFile(deepspeed) as archive:
