@@ -131,6 +131,7 @@ MODELS: dict[str, ModelShape] = {
     "opt-7m": ModelShape("OPT shape, hidden 128, 4 layers", OPTForCausalLM, _opt(128, 4, 4)),
     "opt-30m": ModelShape("OPT shape, hidden 384, 6 layers", OPTForCausalLM, _opt(384, 6, 6)),
     "opt-350m": ModelShape("OPT-350M shape (hidden 1024, 24 layers, projections 512)", OPTForCausalLM, _opt(1024, 24, 16, 512)),
+    "opt-1.3b": ModelShape("OPT-1.3B shape (hidden 2048, 24 layers, ffn 8192, vocab 50272, tied)", OPTForCausalLM, _opt(2048, 24, 32)),
 }  # fmt: skip
 
 
@@ -228,6 +229,7 @@ class WorkerResult:
     rss_after_imports_mib: float = RSS_AFTER_IMPORTS_MIB
     built_peak_rss_mib: float = 0.0
     peak_rss_mib: float = 0.0
+    peak_gpu_mib: float = 0.0  # torch.cuda.max_memory_allocated over the worker's life (0 on CPU)
     other_load: list[float] = field(default_factory=list)
     repeated: int = 0
 
@@ -342,10 +344,12 @@ class PhaseTimer:
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            synchronize()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                synchronize()
                 self._totals[name] += time.perf_counter() - start
 
         return wrapper
@@ -445,18 +449,26 @@ def two_forwards(model: torch.nn.Module, batch: Batch) -> None:
 
 
 def direction_pass(engine: subzero_ds.SubZeroEngine) -> None:
-    """Generate (and drop) this rank's slice of the current direction once, for every shard."""
+    """Generate this rank's slice of the current direction once, for every shard (into a scratch buffer)."""
     direction, step = engine.optimizer.direction, engine.global_step
     for shard in engine.shards:
-        for _ in direction.chunks(shard.name, shard.shape, step, shard.start, shard.end):
-            pass
+        scratch = torch.empty(shard.local_numel, dtype=torch.float32, device=shard.device)
+        direction.apply_(scratch, scratch, shard.name, shard.shape, step, shard.start, beta=0.0, alpha=1.0)
+
+
+def synchronize() -> None:
+    """Wait for this rank's queued GPU work (a no-op on CPU), so wall times cover the kernels."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    """Seconds ``fn`` takes on this rank, started right after a barrier so ranks start together."""
+    """Seconds ``fn`` takes on this rank (its GPU work included), started right after a barrier."""
+    synchronize()
     dist.barrier()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -562,8 +574,10 @@ def run_worker(args: argparse.Namespace) -> None:
         rank=rank, total_params=sum(int(p.ds_numel) for p in params), built_peak_rss_mib=peak_rss_mib()
     )
     batch = random_batch(args.batch_size, args.seq_len, engine.module.config.vocab_size, seed=rank)
+    batch = {k: v.to(engine.device) for k, v in batch.items()}  # on the GPU once, as a data loader would put it
     measure(engine, batch, args, timer, counter, result, first_order)
     result.peak_rss_mib = peak_rss_mib()
+    result.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     args.result.write_text(json.dumps(asdict(result)))
     exit_cleanly(0)
 
@@ -642,6 +656,7 @@ class Row:
     forward2_gathered_mib: float
     reduced_mib: float
     peak_rss_mib: list[float]
+    peak_gpu_mib: list[float]
     above_imports_mib: list[float]
     built_peak_rss_mib: list[float]
     rss_after_imports_mib: list[float]
@@ -683,12 +698,29 @@ def summarize(configuration: Configuration, ranks: list[dict[str, Any]]) -> Row:
         forward2_gathered_mib=mib("forward2_gathered_bytes"),
         reduced_mib=mib("reduced_bytes"),
         peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
+        peak_gpu_mib=[r.get("peak_gpu_mib", 0.0) for r in ranks],
         above_imports_mib=[r["peak_rss_mib"] - r["rss_after_imports_mib"] for r in ranks],
         built_peak_rss_mib=[r["built_peak_rss_mib"] for r in ranks],
         rss_after_imports_mib=[r["rss_after_imports_mib"] for r in ranks],
         other_load=max(rank0["other_load"]),
         repeated=rank0["repeated"],
     )
+
+
+def device_note() -> str:
+    """What ran the benchmark: CPU + gloo, or the GPU model + NCCL."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} + NCCL (torch {torch.__version__})"
+    return "CPU + gloo"
+
+
+def gpu_memory_ratios(rows: list[Row]) -> list[str]:
+    """On GPUs: each ZO configuration's peak GPU memory ÷ first-order AdamW's (target ≤ 0.35)."""
+    first = {(r.configuration.model, r.configuration.dtype): max(r.peak_gpu_mib) for r in rows
+             if r.configuration.method == FIRST_ORDER and any(r.peak_gpu_mib)}
+    ratios = [f"{c.model} {c.dtype} {c.method} {c.mode} {max(r.peak_gpu_mib) / first[c.model, c.dtype]:.3f}×"
+              for r in rows if (c := r.configuration).method != FIRST_ORDER and (c.model, c.dtype) in first]
+    return ["", "Peak GPU memory, ZO ÷ first-order AdamW (target ≤ 0.35): " + ", ".join(ratios) + "."] if ratios else []
 
 
 def per_rank(values: list[float]) -> str:
@@ -751,7 +783,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         f"Command: `{command_line(world_size)}`",
         "",
         f"Tuning: {args.tuning}. Models (random weights): {models_note(rows)} ZeRO-3 over "
-        f"{world_size} ranks, CPU + gloo, {args.threads} torch thread(s) per rank, SDPA, no KV cache. "
+        f"{world_size} ranks, {device_note()}, {args.threads} torch thread(s) per rank, SDPA, no KV cache. "
         f"Batch {args.batch_size} × {args.seq_len} tokens per rank{batch_note(args.batch_size)}. "
         f"{args.warmup} warm-up + {args.steps} measured iterations; step and 2×forward interleaved, each timed "
         "after a barrier; per iteration the slower rank; median over iterations (min–max in brackets). "
@@ -759,8 +791,8 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         "",
         "| model | dtype | method | mode | step s | 2×forward s | ratio | all-gathered MiB per step | "
         "… per 2×forward | peak RSS MiB per rank | above imports MiB per rank "
-        "| peak once built MiB per rank | other CPU load (repeats) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak once built MiB per rank | peak GPU MiB per rank | other CPU load (repeats) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         c = r.configuration
@@ -770,12 +802,13 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
             f"| {r.forward2_s:.2f} [{r.forward2_spread[0]:.2f}–{r.forward2_spread[1]:.2f}] | **{r.ratio:.3f}** "
             f"| {r.gathered_mib:,.0f} | {r.forward2_gathered_mib:,.0f} "
             f"| {per_rank(r.peak_rss_mib)} | {per_rank(r.above_imports_mib)} | {per_rank(r.built_peak_rss_mib)} "
-            f"| {r.other_load:.0%} ({r.repeated}) |"
+            f"| {per_rank(r.peak_gpu_mib) if any(r.peak_gpu_mib) else '—'} | {r.other_load:.0%} ({r.repeated}) |"
         )
     lines += [
         "",
         "Targets, SubZero step ÷ two plain forwards: "
         + (", ".join(verdicts) or "SubZero not run (or forwards not timed)") + ".",
+        *gpu_memory_ratios(rows),
         "",
         "## Communication: bytes all-gathered per step",
         "",

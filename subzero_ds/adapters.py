@@ -83,7 +83,7 @@ def add_adapter(
     else:
         config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens or 10,
                                     prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # the host generator only: forking CUDA's would initialize every GPU
         torch.manual_seed(options.seed)  # the same sampled init on every rank
         return get_peft_model(model, config)
 
@@ -99,8 +99,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     Collective under ZeRO-3 (the trainable tensors are gathered); rank 0 writes.
     """
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    state = {name: tensor for name, tensor in iter_full_state(model) if name in trainable}
-    if is_main_process():
+    writer = is_main_process()
+    state = {name: tensor for name, tensor in iter_full_state(model, to_host=writer) if name in trainable}
+    if writer:
         model.save_pretrained(path, state_dict=state)
     barrier()
 

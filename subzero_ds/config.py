@@ -33,6 +33,13 @@ class Reshape(str, Enum):
     NEVER = "never"
 
 
+class UpdateRounding(str, Enum):
+    """How a half-precision parameter takes its update θ − η(g·D + λθ), computed in fp32."""
+
+    NEAREST = "nearest"  # round to nearest even: an update below half an ulp of θ is lost
+    STOCHASTIC = "stochastic"  # round up or down with probability from the dropped bits (bf16): unbiased
+
+
 class ConfigError(ValueError):
     """A user-fixable problem in the DeepSpeed/subzero configuration (all problems at once)."""
 
@@ -67,6 +74,11 @@ class SubZeroConfig(BaseModel):
     fused: bool = Field(
         False,
         description="true: both perturbed losses from one forward over the doubled batch (no in-place perturbation).",
+    )
+    update_rounding: UpdateRounding = Field(
+        UpdateRounding.NEAREST, strict=False,
+        description='"nearest" or "stochastic": seeded, unbiased rounding of each bf16 parameter\'s update '
+                    "(an update smaller than half an ulp of the weight survives in expectation).",
     )
     max_consecutive_skips: int = Field(
         10, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss, an integer >= 1."

@@ -180,7 +180,7 @@ def candidate_batch(samples: Sequence[Sample], encoder: SampleEncoder) -> dict[s
 
     Keys: ``input_ids``, ``attention_mask``; per scored token ``score_row``, ``score_position``
     (the position whose logits predict it), ``score_token``, ``score_sample``, ``score_slot``;
-    ``gold`` per sample.
+    ``gold`` per sample; ``score_slots`` (an int): the most candidates a sample has.
     """
     rows: list[list[int]] = []
     entries: list[tuple[int, int, int, int, int]] = []  # (row, position, token, sample, slot)
@@ -208,27 +208,37 @@ def candidate_batch(samples: Sequence[Sample], encoder: SampleEncoder) -> dict[s
         "input_ids": _pad(rows, encoder.pad_id),
         "attention_mask": _pad([[1] * len(r) for r in rows], 0),
         "score_row": row, "score_position": position, "score_token": token,
-        "score_sample": owner, "score_slot": slot,
+        "score_sample": owner, "score_slot": slot, "score_slots": int(slot.max()) + 1,
         "gold": torch.tensor([s.gold if s.gold is not None else -1 for s in samples]),
     }
 
 
 def candidate_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean token log-likelihood of each candidate: a (samples × max candidates) tensor, −inf where absent."""
+    """Mean token log-likelihood of each candidate: a (samples × max candidates) tensor, −inf where absent.
+
+    Computed on the device of the logits; each candidate's tokens are averaged by a matmul with a
+    0/1 membership matrix (deterministic on CUDA, unlike an accumulating ``index_put_``).
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    device = logits.device
+    row, position, token, owner, slot = (batch[k].to(device) for k in
+                                         ("score_row", "score_position", "score_token", "score_sample", "score_slot"))
     prepended = logits.shape[1] - batch["input_ids"].shape[1]  # prompt tuning's virtual tokens come first
-    picked = logits[batch["score_row"], batch["score_position"] + prepended].float()
-    token_log_probs = F.log_softmax(picked, dim=-1).gather(1, batch["score_token"].unsqueeze(1)).squeeze(1)
-    shape = (int(batch["gold"].numel()), int(batch["score_slot"].max()) + 1)
-    index = (batch["score_sample"], batch["score_slot"])
-    totals = torch.zeros(shape).index_put_(index, token_log_probs, accumulate=True)
-    counts = torch.zeros(shape).index_put_(index, torch.ones_like(token_log_probs), accumulate=True)
-    return torch.where(counts > 0, totals / counts.clamp(min=1), torch.tensor(float("-inf")))
+    flat = logits.reshape(-1, logits.shape[-1])
+    picked = flat.index_select(0, row * logits.shape[1] + position + prepended).float()
+    token_log_probs = F.log_softmax(picked, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1)
+    samples, slots = int(batch["gold"].numel()), int(batch["score_slots"])
+    cells = owner * slots + slot  # (sample, candidate) of each scored token
+    membership = (cells.unsqueeze(0) == torch.arange(samples * slots, device=device).unsqueeze(1)).float()
+    totals, counts = membership @ token_log_probs, membership.sum(dim=1)
+    scores = torch.where(counts > 0, totals / counts.clamp(min=1), torch.full_like(totals, float("-inf")))
+    return scores.view(samples, slots)
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the gold candidate against the others (MeZO's --train_as_classification)."""
-    return F.cross_entropy(candidate_scores(model, batch), batch["gold"])
+    scores = candidate_scores(model, batch)
+    return F.cross_entropy(scores, batch["gold"].to(scores.device))
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

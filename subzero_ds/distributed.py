@@ -35,8 +35,7 @@ def is_local_main_process() -> bool:
     One process per node is the one to report a user error found before or outside collectives:
     ranks on one node read the same files, so their messages would repeat rank 0's.
     """
-    value = next((os.environ[v] for v in _LOCAL_RANK_VARIABLES if v in os.environ), "0")
-    return value.strip() == "0"
+    return local_rank() == 0
 
 
 def get_world_size_and_rank() -> tuple[int, int]:
@@ -64,6 +63,7 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     _share_cores_between_local_ranks()
+    _select_local_device()
     import deepspeed
 
     # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to this argument (default 29500), ignoring
@@ -76,15 +76,40 @@ def init_distributed() -> None:
 
 
 def _share_cores_between_local_ranks() -> None:
-    """Give each CPU rank its share of the cores unless the user set OMP_NUM_THREADS.
+    """Give each rank its share of the host's cores unless the user set OMP_NUM_THREADS.
 
     Every rank otherwise starts one thread per core: with 2 ranks on 2 cores, that
-    oversubscription made a step 5x slower here.
+    oversubscription made a step 5x slower here. On GPU nodes the host threads run the ZO
+    arithmetic of shards offloaded to the host (``offload_param``), so they are split too.
     """
-    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+    if "OMP_NUM_THREADS" in os.environ:
         return
     local_size = next((int(os.environ[v]) for v in _LOCAL_SIZE_VARIABLES if v in os.environ), 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+
+
+def local_rank() -> int:
+    """This process's rank on its node (0 without a launcher)."""
+    return int(next((os.environ[v] for v in _LOCAL_RANK_VARIABLES if v in os.environ), "0"))
+
+
+def _select_local_device() -> None:
+    """Bind this rank to its GPU before the first collective or allocation.
+
+    NCCL communicators are created on the current device: without this, every rank of a node
+    would use GPU 0 for the barriers and all-reduces that run before DeepSpeed picks the device.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+
+
+def collective_device() -> torch.device:
+    """The device the process group's collectives take tensors on: the accelerator under NCCL, else the host."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() not in ("gloo", "mpi"):
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    return torch.device("cpu")
 
 
 def shutdown() -> None:
@@ -140,8 +165,8 @@ def mean_over_ranks(*values: float) -> list[float]:
 
 
 def sum_over_ranks(*values: float) -> list[float]:
-    """Sum scalars over all ranks in one all-reduce (float64)."""
-    packed = torch.tensor(values, dtype=torch.float64)
+    """Sum scalars over all ranks in one all-reduce (float64, on the collective device)."""
+    packed = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if get_world_size_and_rank()[0] > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return packed.tolist()
@@ -162,7 +187,7 @@ def disagreements(values: Mapping[str, int]) -> list[str]:
     world_size, _ = get_world_size_and_rank()
     if world_size == 1:
         return []
-    packed = torch.tensor(list(values.values()), dtype=torch.int64)
+    packed = torch.tensor(list(values.values()), dtype=torch.int64, device=collective_device())
     low, high = packed.clone(), packed.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

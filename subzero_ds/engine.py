@@ -17,6 +17,7 @@ from .checkpoint import MANIFEST, CheckpointError, latest_checkpoint, load_shard
 from .checkpoint import save_sharded
 from .export import save_hf_weights
 from .fused import FusedPass, half_losses
+from .kernels import GENERATOR
 from .loss import model_loss
 from .optimizer import ZOOptimizer
 from .shards import ParamShard
@@ -84,6 +85,11 @@ class SubZeroEngine:
         return self.ds_engine.module
 
     @property
+    def device(self) -> torch.device:
+        """This rank's accelerator (the host on CPU-only machines): batches and losses live there."""
+        return torch.device(self.ds_engine.device)
+
+    @property
     def shards(self) -> list[ParamShard]:
         """This rank's shards of the trainable parameters."""
         return self.optimizer.shards
@@ -100,6 +106,7 @@ class SubZeroEngine:
             The step's :class:`StepResult`. A non-finite loss skips the update (weights unchanged).
         """
         step, lr, eps = self.global_step, self.lr, self.config.eps
+        batch = to_device(batch, self.device)
         loss_pos, loss_neg = self._fused_losses(batch, step) if self.fused_pass else self._in_place_losses(batch, step)
         # Sync point: every rank needs the same g to apply the same update to its shard.
         loss_pos, loss_neg = mean_over_ranks(loss_pos, loss_neg)
@@ -127,7 +134,7 @@ class SubZeroEngine:
             The checkpoint directory.
         """
         state = {"seed": self.config.seed, "settings": self.config.model_dump(mode="json"),
-                 "consecutive_skips": self.consecutive_skips}
+                 "generator": GENERATOR, "consecutive_skips": self.consecutive_skips}
         return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
@@ -152,6 +159,14 @@ class SubZeroEngine:
                 f"the checkpoint {path} was written with " + ", ".join(f"subzero.{k}={saved.get(k)!r}" for k in changed)
                 + " but this run has " + ", ".join(f"{ours.get(k)!r}" for k in changed) + ": those settings define "
                 "every direction, so the resumed run would not continue the same trajectory. Use the same values."
+            )
+        if manifest.state.get("generator") != GENERATOR:
+            raise CheckpointError(
+                f"the checkpoint {path} was written with the direction generator "
+                f"{manifest.state.get('generator', 'of subzero_ds before 0.2 (per-block torch.Generator)')!r}, "
+                f"but this version draws directions with {GENERATOR!r}: the resumed run would follow other "
+                "directions. Resume with the subzero_ds version that wrote it, or export it "
+                "(`subzero-export`) and start a new run from the exported weights."
             )
         load_sharded(path, self.shards)
         with torch.no_grad():  # DeepSpeed never re-reads the shard of a parameter it keeps gathered
@@ -200,7 +215,7 @@ class SubZeroEngine:
 
     def evaluate(self, batch: Batch) -> float:
         """Forward-only loss on this rank's ``batch``, averaged over data-parallel ranks."""
-        (loss,) = mean_over_ranks(self._loss(batch))
+        (loss,) = mean_over_ranks(self._loss(to_device(batch, self.device)))
         return loss
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -225,6 +240,17 @@ class SubZeroEngine:
         """
         if self.optimizer.has_stale_gathered_copies():
             self.ds_engine.optimizer.empty_partition_cache()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor (in dicts, lists and tuples, a tokenizer's BatchEncoding too) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 class NonFiniteLossError(RuntimeError):

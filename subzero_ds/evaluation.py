@@ -15,6 +15,7 @@ from torch import nn
 
 from .data import SampleEncoder, candidate_batch, candidate_scores
 from .distributed import get_world_size_and_rank, sum_over_ranks
+from .engine import to_device
 from .qa_metrics import exact_match, token_f1
 from .tasks import Sample, Task, TaskKind
 
@@ -30,7 +31,7 @@ def rank_share(samples: Sequence[Sample]) -> tuple[list[Sample], int]:
 
 def evaluate_task(
     model: nn.Module, task: Task, samples: Sequence[Sample], encoder: SampleEncoder,
-    batch_size: int, max_new_tokens: int = 32,
+    batch_size: int, max_new_tokens: int = 32, device: torch.device | None = None,
 ) -> dict[str, float]:
     """The task's metrics on ``samples`` (all ranks together; call on every rank).
 
@@ -42,11 +43,12 @@ def evaluate_task(
         raise ValueError(f"no evaluation samples for task {task.name!r}")
     mine, real = rank_share(samples)
     model.eval()
+    device = device or model_device(model)
     if task.kind is TaskKind.GENERATION:
         f1 = em = 0.0
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            predictions = greedy_generate(model, encoder, [s.prompt for s in chunk], max_new_tokens)
+            predictions = greedy_generate(model, encoder, [s.prompt for s in chunk], max_new_tokens, device)
             for offset, (sample, prediction) in enumerate(zip(chunk, predictions)):
                 if start + offset < real:
                     f1 += token_f1(prediction, sample.answers)
@@ -57,7 +59,7 @@ def evaluate_task(
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         with torch.no_grad():
-            predictions = candidate_scores(model, candidate_batch(chunk, encoder)).argmax(dim=1)
+            predictions = candidate_scores(model, to_device(candidate_batch(chunk, encoder), device)).argmax(dim=1)
         for offset, (sample, prediction) in enumerate(zip(chunk, predictions.tolist())):
             if start + offset < real:
                 correct += float(prediction == sample.gold)
@@ -65,16 +67,23 @@ def evaluate_task(
     return {"accuracy": correct / count}
 
 
-def greedy_generate(model: nn.Module, encoder: SampleEncoder, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batch), cut at the first newline or EOS.
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: its parameters' device (under ZeRO-3 their placeholders sit on the accelerator)."""
+    return next(model.parameters()).device
+
+
+def greedy_generate(model: nn.Module, encoder: SampleEncoder, prompts: Sequence[str], max_new_tokens: int,
+                    device: torch.device | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batch, on ``device``), cut at the first newline or EOS.
 
     Always runs exactly ``max_new_tokens`` forwards, so ranks stay in step under ZeRO-3.
     """
+    device = device or model_device(model)
     tokenizer = encoder.tokenizer
     rows = [encoder.pair(prompt, "")[0] for prompt in prompts]
     width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[encoder.pad_id] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    input_ids = torch.tensor([[encoder.pad_id] * (width - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     for _ in range(max_new_tokens):
         extra = {"position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)} if takes_positions else {}

@@ -24,20 +24,22 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def iter_full_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_state(model: nn.Module, to_host: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(name, full CPU tensor) for every parameter and persistent buffer, gathering one module at a time.
 
-    Must be called on every rank (gathering is collective); the tensors are the same everywhere.
+    Must be called on every rank (gathering is collective). Only ranks with ``to_host`` copy the
+    tensors to the host (the others get None): on GPUs, a host copy of every gathered layer on
+    every rank would be wasted PCIe traffic and host memory when one rank writes.
     """
     for module_name, module in model.named_modules():
         params = list(module.named_parameters(recurse=False, remove_duplicate=False))
         prefix = f"{module_name}." if module_name else ""
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
             for name, param in params:
-                yield prefix + name, param.data.detach().to("cpu", copy=True)
+                yield prefix + name, param.data.detach().to("cpu", copy=True) if to_host else None
         for name, buffer in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
-                yield prefix + name, buffer.detach().to("cpu", copy=True)
+                yield prefix + name, buffer.detach().to("cpu", copy=True) if to_host else None
 
 
 def save_hf_weights(model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -55,7 +57,7 @@ def save_hf_weights(model: nn.Module, path: str | os.PathLike, max_shard_bytes: 
     files: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
     seen: set[int] = set()
-    for name, tensor in iter_full_state(model):
+    for name, tensor in iter_full_state(model, to_host=writer):
         if not writer or _tied_duplicate(model, name, seen):
             continue
         nbytes = tensor.numel() * tensor.element_size()

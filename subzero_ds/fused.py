@@ -34,11 +34,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .distributed import log
 from .loss import CHUNKED_LOSS_TYPES, IGNORE_INDEX, language_model_loss, loss_type, no_cache, scores_language_model
 from .loss import summed_cross_entropy, token_targets
 from .optimizer import Direction, LowRank
+from .perturbation import full_fp32_matmuls
 from .shards import ParamShard
 
 
@@ -70,6 +72,7 @@ class FusedPass:
 
     def __init__(self, model: nn.Module, shards: list[ParamShard], direction: Direction, eps: float) -> None:
         self.direction, self.eps = direction, eps
+        self._sign_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         # Inside a materialized module each half runs alone: everything below it takes that half's sign.
         self._sign_of_half: float | None = None
         by_param = {id(shard.param): shard for shard in shards}
@@ -136,7 +139,7 @@ class FusedPass:
         inputs = {k: _doubled(v) for k, v in batch.items() if k != "labels"}
         head, served = self._head, next((s for s in self.served if s.module is self._head), None)
         side_path = self._side_path_hook(served, step) if served is not None else None
-        sums = torch.zeros(2, dtype=torch.float32)
+        sums: list[torch.Tensor] = [torch.zeros(()), torch.zeros(())]  # replaced by the device's sums
         scored: list[torch.Tensor] = []
 
         def logits(rows: torch.Tensor, sign: float) -> torch.Tensor:
@@ -154,8 +157,9 @@ class FusedPass:
             flat = hidden.reshape(-1, hidden.shape[-1])
             half_rows = _batch_rows((flat,), {}, head) // 2
             for half, sign in ((0, 1.0), (1, -1.0)):
-                part = flat[half * half_rows : (half + 1) * half_rows]
-                sums[half] = summed_cross_entropy(lambda a, b: logits(part[a:b], sign), targets, head.out_features)
+                part = flat.narrow(0, half * half_rows, half_rows)
+                sums[half] = summed_cross_entropy(lambda a, b: logits(part.narrow(0, a, b - a), sign), targets,
+                                                  head.out_features)
             scored.append((targets != IGNORE_INDEX).sum())
             return hidden.new_zeros(*hidden.shape[:-1], 0)  # the model returns these as its logits
 
@@ -166,7 +170,7 @@ class FusedPass:
                 f"the LM head ran {len(scored)} times in one forward; the fused ± pass scores its logits once. "
                 'Set "fused": false in the "subzero" section for this model.'
             )
-        loss_pos, loss_neg = (sums / scored[0]).tolist()
+        loss_pos, loss_neg = (torch.stack(sums) / scored[0]).tolist()
         return loss_pos, loss_neg
 
     def _split_get_prompt_fn(self) -> Callable:
@@ -184,34 +188,44 @@ class FusedPass:
 
         return split_get_prompt
 
-    def _signs(self, rows: int, ndim: int, module: nn.Module) -> torch.Tensor | float:
+    def _signs(self, inputs: torch.Tensor, ndim: int, module: nn.Module) -> torch.Tensor | float:
         if self._sign_of_half is not None:
             return self._sign_of_half * self.eps
-        return _half_signs(rows, self.eps, ndim, module)
+        key = (inputs.shape[0], ndim, inputs.device)
+        if key not in self._sign_cache:  # built once per shape and device, not once per module call
+            self._sign_cache[key] = _half_signs(inputs.shape[0], self.eps, ndim, module, inputs.device)
+        return self._sign_cache[key]
 
     def _side_path_hook(self, served: _Served, step: int) -> Callable:
         embedding = isinstance(served.module, nn.Embedding)
         weight, bias = served.params.get("weight"), served.params.get("bias")
-        if weight is not None:
-            factors: LowRank = self.direction.lowrank(weight.name, weight.shape, step)
-            # Linear: x Dᵀ = ((x V) Cᵀ) Uᵀ.  Embedding: D[ids] = (U[ids] C) Vᵀ.
-            left, right = (factors.u, factors.core @ factors.v.T) if embedding else (factors.v, factors.core.T @ factors.u.T)
-        bias_direction = self.direction.full(bias.name, bias.shape, step) if bias is not None else None
+        # Per device of the layer's output (the gathered layer's): factors made there once per step.
+        factors_on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        bias_on: dict[torch.device, torch.Tensor] = {}
 
-        right_in: dict[torch.dtype, torch.Tensor] = {}  # `right` in the output's dtype, cast once per step
+        def factors(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            """(left fp32, right in the output's dtype): Linear x Dᵀ = ((x V) Cᵀ) Uᵀ, Embedding D[ids] = (U[ids] C) Vᵀ."""
+            if (device, dtype) not in factors_on:
+                low: LowRank = self.direction.lowrank(weight.name, weight.shape, step, device)
+                with full_fp32_matmuls():
+                    right = low.core @ low.v.T if embedding else low.core.T @ low.u.T
+                factors_on[device, dtype] = (low.u if embedding else low.v, right.to(dtype))
+            return factors_on[device, dtype]
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             inputs = args[0]
-            signs = self._signs(inputs.shape[0], inputs.ndim + (1 if embedding else 0), module)
+            signs = self._signs(inputs, inputs.ndim + (1 if embedding else 0), module)
             if weight is not None:
-                projected = left[inputs] if embedding else _project(inputs, left)  # rows × r, fp32
-                projected = (projected * signs).to(output.dtype)
-                if output.dtype not in right_in:
-                    right_in[output.dtype] = right.to(output.dtype)
-                # Accumulate into the output: no rows × m temporary (824 MB for OPT's LM head at 16×128).
-                output.view(-1, output.shape[-1]).addmm_(projected.view(-1, projected.shape[-1]), right_in[output.dtype])
-            if bias_direction is not None:
-                output.add_(signs * bias_direction)
+                left, right = factors(output.device, output.dtype)
+                with full_fp32_matmuls():
+                    projected = F.embedding(inputs, left) if embedding else _project(inputs, left)  # rows × r, fp32
+                    projected = (projected * signs).to(output.dtype)
+                    # Accumulate into the output: no rows × m temporary (824 MB for OPT's LM head at 16×128).
+                    output.view(-1, output.shape[-1]).addmm_(projected.view(-1, projected.shape[-1]), right)
+            if bias is not None:
+                if output.device not in bias_on:
+                    bias_on[output.device] = self.direction.full(bias.name, bias.shape, step, output.device)
+                output.add_(signs * bias_on[output.device])
             return output
 
         return hook
@@ -222,7 +236,8 @@ class FusedPass:
         def split_forward(*args: Any, **kwargs: Any) -> Any:
             params = {attr: getattr(served.module, attr) for attr in served.params}
             gathered = {attr: p.data for attr, p in params.items()}  # what DeepSpeed gathered; put back after
-            directions = {a: self.direction.full(s.name, s.shape, step) for a, s in served.params.items()}
+            directions = {a: self.direction.full(s.name, s.shape, step, gathered[a].device)
+                          for a, s in served.params.items()}
 
             def run(sign: float, *args: Any, **kwargs: Any) -> Any:
                 for attr, p in params.items():
@@ -331,8 +346,7 @@ def _doubled(values: Any) -> Any:
 
 def _take_half(output: Any, half: int) -> Any:
     if isinstance(output, torch.Tensor):
-        rows = output.shape[0] // 2 if output.ndim else 0
-        return output[half * rows : (half + 1) * rows] if output.ndim else output
+        return output.narrow(0, half * (output.shape[0] // 2), output.shape[0] // 2) if output.ndim else output
     if isinstance(output, dict):  # ModelOutput is a dict; copy it without its fused-batch loss
         halved = type(output)(**{k: _take_half(v, half) for k, v in output.items() if k != "loss"})
         return halved
@@ -341,16 +355,15 @@ def _take_half(output: Any, half: int) -> Any:
     return output
 
 
-def _half_signs(rows: int, eps: float, ndim: int, module: nn.Module) -> torch.Tensor:
-    """+ε for the first half of the rows, −ε for the second, shaped to broadcast over ``ndim`` dims."""
+def _half_signs(rows: int, eps: float, ndim: int, module: nn.Module, device: torch.device | str = "cpu") -> torch.Tensor:
+    """+ε for the first half of the rows, −ε for the second (on ``device``), shaped to broadcast over ``ndim`` dims."""
     if rows % 2:
         raise FusedPassError(
             f"{type(module).__name__} got an input with {rows} rows in dim 0; the fused ± pass needs the doubled "
             'batch [B; B] in dim 0 of every layer input. Set "fused": false in the "subzero" section for this model.'
         )
-    signs = torch.full((rows,), eps, dtype=torch.float32)
-    signs[rows // 2 :] = -eps
-    return signs.view(rows, *([1] * (ndim - 1)))
+    half = torch.full((rows // 2,), eps, dtype=torch.float32, device=device)
+    return torch.cat([half, -half]).view(rows, *([1] * (ndim - 1)))
 
 
 def _batch_rows(args: tuple, kwargs: dict, module: nn.Module) -> int:
@@ -363,7 +376,7 @@ def _batch_rows(args: tuple, kwargs: dict, module: nn.Module) -> int:
 
 def _half(values: Any, rows: int, half: int) -> Any:
     if isinstance(values, torch.Tensor):
-        return values[half * rows // 2 : (half + 1) * rows // 2] if values.ndim and values.shape[0] == rows else values
+        return values.narrow(0, half * rows // 2, rows // 2) if values.ndim and values.shape[0] == rows else values
     if isinstance(values, dict):
         return {k: _half(v, rows, half) for k, v in values.items()}
     if isinstance(values, (tuple, list)):

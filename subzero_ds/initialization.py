@@ -8,10 +8,11 @@ from argparse import Namespace
 from typing import Any, Mapping
 
 import deepspeed
+import torch
 from torch import nn
 
 from .config import ConfigError, Reshape, check_nvme_buffers, check_offload_paths, deepspeed_section, load_ds_config
-from .config import parse_config, zero_stage
+from .config import UpdateRounding, parse_config, zero_stage
 from .distributed import disagreements, get_world_size_and_rank, init_distributed, log
 from .engine import LossFn, SubZeroEngine
 from .optimizer import ZOOptimizer, make_direction
@@ -76,13 +77,20 @@ def initialize(
         raise ConfigError("the model has no parameter with requires_grad=True: there is nothing to train.")
     frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
     reshape = settings.reshape is Reshape.ALWAYS or (settings.reshape is Reshape.AUTO and frozen)
+    half = sorted({str(s.dtype).removeprefix("torch.") for s in shards if s.dtype == torch.float16})
+    if settings.update_rounding is UpdateRounding.STOCHASTIC and half:
+        raise ConfigError(
+            f"`subzero.update_rounding` is \"stochastic\", but trainable parameters are {', '.join(half)}: "
+            "stochastic rounding is implemented for bf16 (fp32 needs none). Train in bf16 (`\"bf16\": "
+            "{\"enabled\": true}`) or set `subzero.update_rounding` to \"nearest\"."
+        )
     optimizer = ZOOptimizer(shards, make_direction(settings, reshape), settings.eps, settings.weight_decay,
-                            in_place=not settings.fused)
+                            in_place=not settings.fused, update_rounding=settings.update_rounding)
     trainable = sum(s.numel for s in shards)
     log(
         f"subzero_ds: {settings.method.value} on {len(shards)} trainable tensors ({trainable:,} elements), "
         f"ZeRO stage {zero_stage(ds_config)}, lr={settings.lr:g}, eps={settings.eps:g}, reshape={reshape}, "
-        f"{'fused ± pass' if settings.fused else 'in-place ± passes'}"
+        f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}"
     )
     return SubZeroEngine(ds_engine, settings, optimizer, loss_fn)
 

@@ -49,7 +49,7 @@ def token_targets(model: nn.Module, labels: torch.Tensor, length: int) -> torch.
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean fp32 cross-entropy of ``logits`` (rows × vocab) over ``targets`` ≠ -100, a chunk of rows at a time."""
-    total = summed_cross_entropy(lambda start, stop: logits[start:stop], targets, logits.shape[-1])
+    total = summed_cross_entropy(lambda start, stop: logits.narrow(0, start, stop - start), targets, logits.shape[-1])
     return total / (targets != IGNORE_INDEX).sum()
 
 
@@ -59,8 +59,10 @@ def summed_cross_entropy(logits_of: Callable[[int, int], torch.Tensor], targets:
     rows = max(1, CHUNK_ELEMENTS // vocab)
     total = torch.zeros((), dtype=torch.float32, device=targets.device)
     for start in range(0, targets.shape[0], rows):
-        chunk = logits_of(start, start + rows).float()
-        total += F.cross_entropy(chunk, targets[start : start + rows], ignore_index=IGNORE_INDEX, reduction="sum")
+        stop = min(start + rows, targets.shape[0])
+        chunk = logits_of(start, stop).float()
+        total += F.cross_entropy(chunk, targets.narrow(0, start, stop - start), ignore_index=IGNORE_INDEX,
+                                 reduction="sum")
     return total
 
 

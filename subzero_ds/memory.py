@@ -59,8 +59,7 @@ GiB = 2**30
 
 # Chunk sizes of subzero_ds.perturbation and subzero_ds.loss, repeated here so the planner does not
 # import torch (tests/unit/test_memory.py checks they agree).
-GAUSSIAN_BLOCK = 1 << 16
-LOWRANK_ROWS = 64
+LOWRANK_CHUNK_ELEMENTS = 1 << 24  # subzero_ds.perturbation: fp32 values of U·(μZVᵀ) per matmul
 LOSS_CHUNK_ELEMENTS = 1 << 22
 SIDE_PATH_UPCAST_ELEMENTS = 1 << 22  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS
 
@@ -551,18 +550,21 @@ def _hf_lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int) -> floa
 
 
 def _direction_bytes(arch: Architecture, zero: ZeroSettings) -> tuple[float, float]:
-    """(U, V bases of every trainable matrix, one working chunk) in bytes, fp32."""
-    gaussian_chunk = 2 * GAUSSIAN_BLOCK * 4  # the block and the fp32 copy of the shard piece
+    """(U, V bases of every trainable matrix, one working chunk) in bytes, fp32.
+
+    A Gaussian direction is generated and applied in one kernel pass (no buffer); a low-rank one
+    holds one matmul's piece of U·(μZVᵀ) and the r×n μZVᵀ at a time.
+    """
     if zero.method != "subzero":
-        return 0.0, gaussian_chunk
-    bases, chunk = 0.0, gaussian_chunk
+        return 0.0, 0.0
+    bases, chunk = 0.0, 0.0
     for shape, count in arch.shapes():
         if len(shape) != 2:
             continue
         m, n = shape
         r = min(zero.rank, m, n)
         bases += count * r * (m + n) * 4
-        chunk = max(chunk, (2 * LOWRANK_ROWS * n + r * n) * 4)  # values, fp32 shard piece, Z·Vᵀ
+        chunk = max(chunk, (min(LOWRANK_CHUNK_ELEMENTS, m * n) + r * n) * 4)
     return bases, chunk
 
 

@@ -4,11 +4,16 @@ A ZO method is one thing: how it draws the direction D_t of a parameter, slice b
 (:class:`Direction`). :class:`ZOOptimizer` does the rest for every method: perturb the shards,
 restore them exactly, and apply θ ← θ − η·(g·D_t + λ·θ), each rank on its own shards only.
 
+Every write is one generate-and-apply pass over the shard on the shard's own device
+(:func:`subzero_ds.kernels.apply_`): no direction is materialized beside it, and nothing crosses
+between host and accelerator (a shard offloaded to the host is computed on the host).
+
 Exact restore: before perturbing, the optimizer copies this rank's trainable shard into a
-backup of the same dtype; θ ± εD are computed from the backup in fp32 and the update is written
-from it, so a step with lr = 0 leaves every parameter bit-identical (no +ε, −2ε, +ε drift).
-Extra memory: one copy of this rank's trainable shard in the parameter dtype (full fine-tuning:
-model bytes / world size; PEFT: the adapter only), plus one fp32 chunk of the direction at a time.
+backup of the same dtype on the same device; θ ± εD are computed from the backup in fp32 and the
+update is written from it, so a step with lr = 0 leaves every parameter bit-identical (no +ε,
+−2ε, +ε drift). Extra memory: one copy of this rank's trainable shard in the parameter dtype (full
+fine-tuning: model bytes / world size; PEFT: the adapter only), plus, for SubZero, one fp32 piece of
+at most ``LOWRANK_CHUNK_ELEMENTS`` direction values at a time.
 """
 
 from __future__ import annotations
@@ -16,15 +21,17 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import deepspeed
 import torch
 
-from .config import Method, SubZeroConfig
-from .perturbation import Chunk, Subspace, collect, draw_core, draw_subspace, gaussian_chunks, lowrank_chunks
+from . import kernels
+from .config import Method, SubZeroConfig, UpdateRounding
+from .perturbation import Subspace, draw_core, draw_subspace, full_fp32_matmuls, key_of, lowrank_pieces
 from .perturbation import near_square_shape
-from .shards import ParamShard
+from .shards import ParamShard, order_before_gathers
+
+RoundingKey = tuple[int, int] | None
 
 
 class Direction(ABC):
@@ -34,24 +41,32 @@ class Direction(ABC):
         self.seed = seed
 
     @abstractmethod
-    def chunks(self, name: str, shape: tuple[int, ...], step: int, start: int, end: int) -> Iterator[Chunk]:
-        """fp32 pieces of D_step for ``name`` that tile the flat range [start, end)."""
+    def apply_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int, start: int,
+               beta: float, alpha: float, rounding_key: RoundingKey = None) -> None:
+        """``out = round(beta·src + alpha·D_step[start : start + len(out)])`` for parameter ``name``.
 
-    def gaussian(self, name: str, shape: tuple[int, ...], step: int, start: int, end: int) -> Iterator[Chunk]:
-        numel = math.prod(shape)
-        return gaussian_chunks((self.seed, "gaussian", step, name, shape), numel, start, end)
+        ``out`` and ``src`` are 1-D, of one dtype and device (``out`` may be ``src``); the direction
+        is computed on that device, in fp32.
+        """
 
-    def full(self, name: str, shape: tuple[int, ...], step: int) -> torch.Tensor:
-        """The whole fp32 D_step of ``name`` in its own shape (bit-identical to the chunks)."""
-        numel = math.prod(shape)
-        return collect(self.chunks(name, shape, step, 0, numel), 0, numel).view(shape)
+    def apply_gaussian_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
+                        start: int, beta: float, alpha: float, rounding_key: RoundingKey = None) -> None:
+        """:meth:`apply_` with the i.i.d. N(0, 1) direction of ``name``."""
+        key = key_of(self.seed, "gaussian", step, name, shape)
+        kernels.apply_(out, src, beta=beta, alpha=alpha, key=key, offset=start, rounding_key=rounding_key)
+
+    def full(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The whole fp32 D_step of ``name`` in its own shape, on ``device`` (the values of every slice)."""
+        out = torch.empty(math.prod(shape), dtype=torch.float32, device=device)
+        self.apply_(out, out, name, shape, step, 0, beta=0.0, alpha=1.0)
+        return out.view(shape)
 
     def has_lowrank(self, shape: tuple[int, ...]) -> bool:
         """Whether :meth:`lowrank` gives factors for a parameter of this shape."""
         return False
 
-    def lowrank(self, name: str, shape: tuple[int, ...], step: int) -> LowRank:
-        """D_step as factors μ·U·Z·Vᵀ in the parameter's own shape (only where :meth:`has_lowrank`)."""
+    def lowrank(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu") -> LowRank:
+        """D_step as factors μ·U·Z·Vᵀ in the parameter's own shape, on ``device`` (only where :meth:`has_lowrank`)."""
         raise ValueError(f"{type(self).__name__} has no low-rank factors for {name} {shape}")
 
 
@@ -67,8 +82,8 @@ class LowRank:
 class GaussianDirection(Direction):
     """MeZO: every element an independent N(0, 1)."""
 
-    def chunks(self, name, shape, step, start, end):
-        return self.gaussian(name, shape, step, start, end)
+    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None):
+        self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key)
 
 
 class SubspaceDirection(Direction):
@@ -93,7 +108,7 @@ class SubspaceDirection(Direction):
         return near_square_shape(*shape) if self.reshape else (shape[0], shape[1])
 
     def subspace(self, name: str, shape: tuple[int, ...], step: int) -> Subspace:
-        """U, V of ``name`` for the window holding ``step`` (drawn once per window, then cached)."""
+        """U, V of ``name`` for the window holding ``step`` (drawn once per window on the host, then cached)."""
         window = step // self.interval
         cached = self._cache.get(name)
         if cached is None or cached[0] != window:
@@ -104,27 +119,32 @@ class SubspaceDirection(Direction):
             self._cache[name] = cached
         return cached[1]
 
-    def chunks(self, name, shape, step, start, end):
+    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None):
         if len(shape) != 2:
-            return self.gaussian(name, shape, step, start, end)
-        subspace, core, scale = self._factors(name, shape, step)
-        return lowrank_chunks(subspace, core, scale, start, end)
+            return self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key)
+        factors = self._factors(name, shape, step, out.device)
+        with full_fp32_matmuls():
+            core_vt = factors.core @ factors.v.T  # r×n, shared by every piece of the shard
+        for lo, d in lowrank_pieces(factors.u, core_vt, start, start + out.numel()):
+            at, size = lo - start, d.numel()
+            kernels.apply_(out.narrow(0, at, size), src.narrow(0, at, size), beta=beta, alpha=alpha, dense=d,
+                           offset=lo, rounding_key=rounding_key)
 
     def has_lowrank(self, shape):
         return len(shape) == 2 and self.matrix_shape(shape) == tuple(shape)  # reshaped: low-rank only in its view
 
-    def lowrank(self, name, shape, step):
+    def lowrank(self, name, shape, step, device="cpu"):
         if not self.has_lowrank(shape):
-            return super().lowrank(name, shape, step)
-        subspace, core, scale = self._factors(name, shape, step)
-        return LowRank(u=subspace.u, core=scale * core, v=subspace.v)
+            return super().lowrank(name, shape, step, device)
+        return self._factors(name, shape, step, device)
 
-    def _factors(self, name: str, shape: tuple[int, ...], step: int) -> tuple[Subspace, torch.Tensor, float]:
-        subspace = self.subspace(name, shape, step)
-        rank = subspace.u.shape[1]
-        core = draw_core((self.seed, "core", step, name, shape), rank)
+    def _factors(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str) -> LowRank:
+        """U, μ·Z_step, V of ``name`` in its (possibly reshaped) matrix shape, on ``device``."""
+        u, v = self.subspace(name, shape, step).on(device)
+        rank = u.shape[1]
+        core = draw_core((self.seed, "core", step, name, shape), rank, device)
         scale = math.sqrt(math.prod(shape)) / rank  # μ: E‖D‖² = m·n, as for a full Gaussian
-        return subspace, core, scale
+        return LowRank(u=u, core=core.mul_(scale), v=v)
 
 
 def make_direction(config: SubZeroConfig, reshape: bool) -> Direction:
@@ -144,15 +164,18 @@ class ZOOptimizer:
         weight_decay: λ, applied to matrices only.
         in_place: True to perturb the shards themselves (keeps a backup for exact restore); False for
             the fused ± pass, where only :meth:`update_` writes and no backup is needed.
+        update_rounding: how a bf16 parameter takes its update (stochastic: seeded by position).
     """
 
     def __init__(self, shards: list[ParamShard], direction: Direction, eps: float, weight_decay: float,
-                 in_place: bool = True) -> None:
+                 in_place: bool = True, update_rounding: UpdateRounding = UpdateRounding.NEAREST) -> None:
         self.shards, self.direction = shards, direction
         self.eps, self.weight_decay = eps, weight_decay
         self.in_place = in_place
-        # Sized from the partition size: an NVMe-swapped shard's local() is not readable here.
-        self._backups = [torch.empty(shard.local_numel, dtype=shard.dtype) if in_place else None for shard in shards]
+        self.update_rounding = update_rounding
+        # On the shard's own device; sized from the partition size (an NVMe-swapped shard's local() is not readable here).
+        self._backups = [torch.empty(shard.local_numel, dtype=shard.dtype, device=shard.device) if in_place else None
+                         for shard in shards]
         self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
         self._full_backups: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
 
@@ -160,9 +183,9 @@ class ZOOptimizer:
         """Copy the current shards into the backup (the θ every later write starts from).
 
         Persistent ZeRO-3 parameters (small; DeepSpeed keeps them gathered) also get a full
-        backup, and their gathered copy is written with the full direction alongside the shard,
-        so no forward has to gather them again. Collective under ZeRO-3 (the first time, a
-        persistent parameter that is not gathered yet is gathered to back it up).
+        backup, and their gathered copy is written alongside the shard, so no forward has to gather
+        them again. Collective under ZeRO-3 (the first time, a persistent parameter that is not
+        gathered yet is gathered to back it up).
         """
         if not self.in_place:
             raise RuntimeError("ZOOptimizer(in_place=False) never perturbs shards: there is nothing to save")
@@ -181,46 +204,57 @@ class ZOOptimizer:
 
     def perturb_(self, step: int, sign: float) -> None:
         """Set each shard to θ + sign·ε·D_step (θ from the backup, so signs can be taken in any order)."""
-        scale = sign * self.eps
-        self._write_(step, lambda theta, d, shard: theta.add_(d, alpha=scale))
+        self._write_(step, lambda shard: (1.0, sign * self.eps, None))
 
     def restore_(self) -> None:
         """Put back exactly the θ saved by :meth:`save_`."""
-        for shard, backup in zip(self.shards, self._backups):
-            with shard.swapped_in() as local:  # an NVMe shard is written back on exit
-                local.copy_(backup)
-        for index, backup in self._full_backups.items():
-            gathered = self.shards[index].gathered()
-            if gathered is not None:
-                gathered.copy_(backup)
+        with torch.no_grad():
+            for shard, backup in zip(self.shards, self._backups):
+                with shard.swapped_in() as local:  # an NVMe shard is written back on exit
+                    local.copy_(backup)
+            for index, backup in self._full_backups.items():
+                gathered = self.shards[index].gathered()
+                if gathered is not None:
+                    gathered.copy_(backup)
+        order_before_gathers(self.shards)
 
     def update_(self, step: int, projected_grad: float, lr: float) -> None:
         """θ ← θ − lr·(g·D_step + λ·θ), from the backup (in-place mode) or the shard itself (fused)."""
 
-        def sgd(theta: torch.Tensor, d: torch.Tensor, shard: ParamShard) -> torch.Tensor:
+        def sgd(shard: ParamShard) -> tuple[float, float, tuple[int, int] | None]:
             decay = self.weight_decay if shard.is_matrix else 0.0
-            return theta.mul_(1.0 - lr * decay).sub_(d, alpha=lr * projected_grad)
+            return 1.0 - lr * decay, -lr * projected_grad, self._rounding_key(shard, step)
 
         self._write_(step, sgd)
 
-    def _write_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor]) -> None:
+    def _rounding_key(self, shard: ParamShard, step: int) -> tuple[int, int] | None:
+        """Random bits for stochastic rounding of this update (bf16 only; fp32 rounds exactly enough)."""
+        if self.update_rounding is UpdateRounding.STOCHASTIC and shard.dtype == torch.bfloat16:
+            return key_of(self.direction.seed, "update rounding", step, shard.name, shard.shape)
+        return None
+
+    def _write_(self, step: int, coefficients) -> None:
+        """Each shard ← round(beta·θ + alpha·D_step), (beta, alpha, rounding key) = ``coefficients(shard)``.
+
+        θ is the backup in in-place mode, the shard itself otherwise. A persistent parameter is
+        computed once, whole, into its gathered copy, and its owned range copied into the shard:
+        the two stay bit-identical however their devices compute.
+        """
         with torch.no_grad():
             for index, (shard, backup) in enumerate(zip(self.shards, self._backups)):
+                beta, alpha, rounding_key = coefficients(shard)
                 with shard.swapped_in() as local:  # an NVMe shard is written back on exit
-                    self._write_range_(step, combine, shard, local, local if backup is None else backup,
-                                       shard.start, shard.end)
                     gathered = shard.gathered()
                     source = gathered if not self.in_place else self._full_backups.get(index)
-                    if gathered is not None and source is not None and not _same_storage(gathered, local):
-                        # Same elements, same arithmetic: bit-identical to what the shards now hold.
-                        self._write_range_(step, combine, shard, gathered, source, 0, shard.numel)
-
-    def _write_range_(self, step: int, combine: Callable[[torch.Tensor, torch.Tensor, ParamShard], torch.Tensor],
-                      shard: ParamShard, target: torch.Tensor, backup: torch.Tensor, start: int, end: int) -> None:
-        for lo, d in self.direction.chunks(shard.name, shard.shape, step, start, end):
-            piece = slice(lo - start, lo - start + d.numel())
-            theta = backup[piece].to(torch.float32, copy=True)
-            target[piece] = combine(theta, d, shard)
+                    if gathered is not None and source is not None:
+                        self.direction.apply_(gathered, source, shard.name, shard.shape, step, 0, beta, alpha,
+                                              rounding_key)
+                        if not _same_storage(gathered, local):
+                            local.copy_(gathered.narrow(0, shard.start, shard.local_numel))
+                    else:
+                        self.direction.apply_(local, local if backup is None else backup, shard.name, shard.shape,
+                                              step, shard.start, beta, alpha, rounding_key)
+        order_before_gathers(self.shards)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

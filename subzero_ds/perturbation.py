@@ -1,19 +1,19 @@
-"""Pure, seeded generators of ZO directions, computable slice by slice.
+"""Pure, seeded pieces of ZO directions: keys, SubZero's subspaces and low-rank slices.
 
 Everything here is a function of its arguments only: a direction's value at flat element i of a
 parameter depends on (run seed, step, parameter name, full shape, i, method settings), never on
-the world size, rank or ZeRO partitioning. To make any slice cheap and bit-identical however the
-parameter is cut, directions are produced in fixed chunks aligned to a global grid:
+the world size, rank or ZeRO partitioning.
 
-- Gaussian (MeZO): blocks of ``GAUSSIAN_BLOCK`` elements, each from its own seeded generator;
-- low-rank (SubZero): blocks of ``LOWRANK_ROWS`` rows, each one matmul of identical shape.
-
-A slice [start, end) is the concatenation of the overlapping chunks, cut to the range.
-All directions are fp32; private ``torch.Generator`` objects only, never the global RNG.
+- Gaussian (MeZO) values come from the counter-based generator of :mod:`subzero_ds.kernels`: a key
+  hashed from those fields, the value at i a function of (key, i), the same bits on every device.
+- Low-rank (SubZero) values of a flat range are ``U[rows] · (μ Z Vᵀ)`` for the rows the range
+  covers: a few matmuls per shard, never the whole m×n matrix. U, V are drawn on the host (the same
+  on every rank and device) and cached on each device that needs them for their window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -22,11 +22,11 @@ from typing import Iterator
 
 import torch
 
-GAUSSIAN_BLOCK = 1 << 16
-LOWRANK_ROWS = 64
+from . import kernels
 
 Shape = tuple[int, ...]
-Chunk = tuple[int, torch.Tensor]  # (first flat index it covers, fp32 values)
+# Rows of U·(μZVᵀ) computed per matmul: at most this many fp32 direction values exist at once.
+LOWRANK_CHUNK_ELEMENTS = 1 << 24
 
 
 def stable_seed(*fields: object) -> int:
@@ -35,27 +35,9 @@ def stable_seed(*fields: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _generator(*fields: object) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(stable_seed(*fields))
-
-
-def gaussian_chunks(key: tuple, numel: int, start: int, end: int) -> Iterator[Chunk]:
-    """N(0, 1) values of the flat range [start, end) of a ``numel``-element direction.
-
-    Args:
-        key: fields identifying the direction (seed, step, name, shape ...).
-        numel: number of elements of the whole direction.
-        start, end: the flat range wanted, 0 <= start <= end <= numel.
-
-    Yields:
-        ``(first_index, values)`` pieces that tile [start, end) in order.
-    """
-    for block in range(start // GAUSSIAN_BLOCK, math.ceil(end / GAUSSIAN_BLOCK)):
-        block_start = block * GAUSSIAN_BLOCK
-        block_size = min(GAUSSIAN_BLOCK, numel - block_start)
-        values = torch.randn(block_size, generator=_generator(*key, block), dtype=torch.float32)
-        lo, hi = max(start, block_start), min(end, block_start + block_size)
-        yield lo, values[lo - block_start : hi - block_start]
+def key_of(*fields: object) -> tuple[int, int]:
+    """The generator key of the direction (or random stream) named by ``fields``."""
+    return kernels.direction_key(stable_seed(*fields))
 
 
 @lru_cache(maxsize=4096)
@@ -71,55 +53,79 @@ def near_square_shape(m: int, n: int) -> tuple[int, int]:
     return 1, total  # total == 0
 
 
-def orthonormal_basis(key: tuple, rows: int, rank: int) -> torch.Tensor:
-    """The Q factor (rows×rank, orthonormal columns) of the reduced QR of a seeded Gaussian matrix."""
-    gaussian = torch.randn(rows, rank, generator=_generator(*key), dtype=torch.float32)
-    q, _ = torch.linalg.qr(gaussian, mode="reduced")
+@contextlib.contextmanager
+def full_fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls at full precision inside (no TF32 on NVIDIA GPUs, whatever the user enabled)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def orthonormal_basis(key: tuple[int, int], rows: int, rank: int) -> torch.Tensor:
+    """The Q factor (rows×rank, orthonormal columns, fp32, host) of the reduced QR of a seeded Gaussian.
+
+    Computed on one thread: LAPACK's blocking may depend on the thread count, and every rank (and a
+    rerun on another world size) must draw the same basis.
+    """
+    gaussian = kernels.gaussian(rows * rank, key).view(rows, rank)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, _ = torch.linalg.qr(gaussian, mode="reduced")
+    finally:
+        torch.set_num_threads(threads)
     return q.contiguous()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Subspace:
-    """The lazily refreshed bases of one matrix: ``u`` (m×r) and ``v`` (n×r), orthonormal columns."""
+    """The bases of one matrix for one window: ``u`` (m×r) and ``v`` (n×r), orthonormal columns.
+
+    Drawn on the host; :meth:`on` gives (and keeps) a copy on each device that asks.
+    """
 
     u: torch.Tensor
     v: torch.Tensor
 
+    def __post_init__(self) -> None:
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {self.u.device: (self.u, self.v)}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) on ``device``, copied there once per window."""
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = (self.u.to(device), self.v.to(device))
+        return self._copies[device]
+
 
 def draw_subspace(key: tuple, rows: int, cols: int, rank: int) -> Subspace:
     """Draw U, V for a rows×cols matrix; ``key`` must include the window index t // F."""
-    return Subspace(u=orthonormal_basis((*key, "U"), rows, rank), v=orthonormal_basis((*key, "V"), cols, rank))
+    return Subspace(u=orthonormal_basis(key_of(*key, "U"), rows, rank),
+                    v=orthonormal_basis(key_of(*key, "V"), cols, rank))
 
 
-def draw_core(key: tuple, rank: int) -> torch.Tensor:
-    """The per-step r×r core Z_t with N(0, 1) entries."""
-    return torch.randn(rank, rank, generator=_generator(*key, "Z"), dtype=torch.float32)
+def draw_core(key: tuple, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The per-step r×r core Z_t with N(0, 1) entries, generated directly on ``device``."""
+    return kernels.gaussian(rank * rank, key_of(*key, "Z"), device=device).view(rank, rank)
 
 
-def lowrank_chunks(
-    subspace: Subspace, core: torch.Tensor, scale: float, start: int, end: int
-) -> Iterator[Chunk]:
-    """Values of the flat range [start, end) of ``scale · U Z Vᵀ`` (row-major), never the whole matrix.
+def lowrank_pieces(u: torch.Tensor, core_vt: torch.Tensor, start: int, end: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Flat range [start, end) of the row-major matrix ``U · core_vt`` (fp32), as (first index, values) pieces.
 
-    Rows are computed in blocks of ``LOWRANK_ROWS`` aligned to multiples of it, so an element's
-    value does not depend on which slice asked for it (bit-identical across partitionings).
+    Each piece is one matmul of at most ``LOWRANK_CHUNK_ELEMENTS`` values over the rows it covers
+    (partial first and last rows cut to the range); the whole m×n matrix never exists.
     """
-    rows, cols = subspace.u.shape[0], subspace.v.shape[0]
+    cols = core_vt.shape[1]
     if start >= end:
         return
-    core_vt = (scale * core) @ subspace.v.T  # r×n, shared by every row block
+    rows_per_piece = max(1, LOWRANK_CHUNK_ELEMENTS // cols)
     first_row, last_row = start // cols, (end - 1) // cols
-    for block in range(first_row // LOWRANK_ROWS, last_row // LOWRANK_ROWS + 1):
-        row0 = block * LOWRANK_ROWS
-        row1 = min(row0 + LOWRANK_ROWS, rows)
-        values = (subspace.u[row0:row1] @ core_vt).view(-1)
-        lo, hi = max(start, row0 * cols), min(end, row1 * cols)
-        yield lo, values[lo - row0 * cols : hi - row0 * cols]
-
-
-def collect(chunks: Iterator[Chunk], start: int, end: int) -> torch.Tensor:
-    """Concatenate chunks that tile [start, end) into one fp32 tensor."""
-    out = torch.empty(end - start, dtype=torch.float32)
-    for lo, values in chunks:
-        out[lo - start : lo - start + values.numel()] = values
-    return out
+    with full_fp32_matmuls():
+        for row0 in range(first_row, last_row + 1, rows_per_piece):
+            row1 = min(row0 + rows_per_piece, last_row + 1)
+            values = (u.narrow(0, row0, row1 - row0) @ core_vt).view(-1)
+            lo, hi = max(start, row0 * cols), min(end, row1 * cols)
+            yield lo, values.narrow(0, lo - row0 * cols, hi - lo)

@@ -66,6 +66,13 @@ class ParamShard:
         return self.param.dtype
 
     @property
+    def device(self) -> torch.device:
+        """Where this rank's elements live: the accelerator, or the host with ``offload_param`` cpu/nvme."""
+        if self.is_nvme_offloaded:
+            return torch.device("cpu")  # swapped in to a host buffer
+        return self.param.ds_tensor.device if is_partitioned(self.param) else self.param.device
+
+    @property
     def is_nvme_offloaded(self) -> bool:
         """Whether this rank's partition lives in an NVMe swap file (reach it via :meth:`swapped_in`)."""
         return is_partitioned(self.param) and getattr(self.param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme
@@ -124,6 +131,18 @@ class ParamShard:
         if is_partitioned(self.param) and self.param.ds_status is ZeroParamStatus.AVAILABLE:
             return self.param.data.view(-1)
         return None
+
+
+def order_before_gathers(shards: list[ParamShard]) -> None:
+    """Make the writes to ``shards`` complete before any later ZeRO-3 all-gather reads them.
+
+    DeepSpeed gathers on its own CUDA stream, with no dependency on the stream our kernels ran on:
+    without this, the next forward could gather a half-written shard. Host shards need nothing.
+    """
+    devices = {shard.device for shard in shards} | {s.param.device for s in shards if s.gathered() is not None}
+    for device in devices:
+        if device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.current_stream(device).synchronize()
 
 
 def is_partitioned(param: nn.Parameter) -> bool:

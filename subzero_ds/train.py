@@ -43,7 +43,7 @@ from subzero_ds.tasks import TASK_NAMES, DataError, Sample, TaskKind, find_local
 
 DEFAULT_CONFIG = {
     "train_micro_batch_size_per_gpu": 8,
-    "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0},
+    "zero_optimization": {"stage": 3},
     "subzero": {"method": "subzero", "lr": 1e-5, "eps": 1e-3, "rank": 24, "subspace_interval": 1000, "seed": 0},
 }
 MASKED_LM_TYPES = {"roberta", "bert", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "camembert"}
@@ -356,7 +356,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                          after_step=engine.global_step if resumed is not None else None)
 
     def evaluate(samples: list[Sample]) -> dict[str, float]:
-        return evaluate_task(engine.module, task, samples, encoder, args.eval_batch_size, args.max_new_tokens)
+        return evaluate_task(engine.module, task, samples, encoder, args.eval_batch_size, args.max_new_tokens,
+                             device=engine.device)
 
     log(f"task {task.name}: {len(train_samples)} train, {len(dev_samples)} dev, {len(eval_samples)} eval examples; "
         f"{world_size} rank(s) x {per_device} per step")

@@ -42,6 +42,7 @@ def is_number(value) -> bool:
 ACCEPTS = {
     "method": lambda v: v in ("subzero", "mezo"),
     "reshape": lambda v: v in ("auto", "always", "never"),
+    "update_rounding": lambda v: v in ("nearest", "stochastic"),
     "lr": lambda v: is_number(v) and math.isfinite(v) and v >= 0,
     "eps": lambda v: is_number(v) and math.isfinite(v) and v > 0,
     "weight_decay": lambda v: is_number(v) and math.isfinite(v) and v >= 0,

@@ -24,7 +24,6 @@ from torch.func import functional_call
 
 from subzero_ds.demo import pattern_batch, tiny_model
 from subzero_ds.optimizer import Direction, GaussianDirection, SubspaceDirection
-from subzero_ds.perturbation import collect
 
 EPS = 1e-3
 RANK = 4
@@ -90,12 +89,8 @@ class Problem:
             return functional_call(self.model, self.unflatten(flat), args=(), kwargs=self.batch).loss.item()
 
     def direction(self, direction: Direction, step: int) -> torch.Tensor:
-        """D_step over all trainable parameters, assembled from the generator's chunks (flat fp32)."""
-        parts = []
-        for name, shape in zip(self.names, self.shapes):
-            numel = math.prod(shape)
-            parts.append(collect(direction.chunks(name, shape, step, 0, numel), 0, numel))
-        return torch.cat(parts)
+        """D_step over all trainable parameters, from the generator (flat fp32)."""
+        return torch.cat([direction.full(name, shape, step).reshape(-1) for name, shape in zip(self.names, self.shapes)])
 
     def projected_grad(self, d: torch.Tensor) -> float:
         """The ZO scalar (L(θ + εD) − L(θ − εD)) / 2ε."""

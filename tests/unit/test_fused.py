@@ -12,7 +12,9 @@ from subzero_ds.export import iter_full_state
 from subzero_ds.fused import FusedPassError
 
 
-def make_config(fused: bool, method: str = "subzero", lr: float = 1e-3, eps: float = 1e-3, bf16: bool = False,
+# lr 1e-4: fused and in-place ℓ± differ by fp32 rounding (|Δg| ~ 5e-4 at ε = 1e-3), which moves the weights
+# by lr·|Δg|·|d| per step; a wrong direction would move them by lr·|g|·|d| ~ 1e-4, far above the 1e-5 bound.
+def make_config(fused: bool, method: str = "subzero", lr: float = 1e-4, eps: float = 1e-3, bf16: bool = False,
                 persistence: int = 0) -> dict:
     config = {
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence},
