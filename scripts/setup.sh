@@ -26,3 +26,6 @@ PYTHON=${PYTHON:-python3}
 # here (cached in ~/.cache/torch_extensions) so neither a test nor a user's first NVMe run waits on it.
 .venv/bin/python -c "from deepspeed.ops.op_builder import AsyncIOBuilder as B; B().is_compatible() and B().load(verbose=False)" \
   2>&1 | grep -v "Setting accelerator to CPU" || true
+# The host kernel of the ZO directions (subzero_ds/kernels/cpu_kernels.cpp) JIT-builds on first use
+# (~40 s here): build it once now, like async_io above.
+.venv/bin/python -c "from subzero_ds.kernels.cpu import compiled; assert compiled() is not None, 'CPU kernel build failed'"
