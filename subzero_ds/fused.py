@@ -208,7 +208,7 @@ class FusedPass:
             if (device, dtype) not in factors_on:
                 low: LowRank = self.direction.lowrank(weight.name, weight.shape, step, device)
                 with full_fp32_matmuls():
-                    right = low.core @ low.v.T if embedding else low.core.T @ low.u.T
+                    right = low.core_vt if embedding else low.core.T @ low.u.T
                 factors_on[device, dtype] = (low.u if embedding else low.v, right.to(dtype))
             return factors_on[device, dtype]
 

@@ -12,8 +12,8 @@ Exact restore: before perturbing, the optimizer copies this rank's trainable sha
 backup of the same dtype on the same device; θ ± εD are computed from the backup in fp32 and the
 update is written from it, so a step with lr = 0 leaves every parameter bit-identical (no +ε,
 −2ε, +ε drift). Extra memory: one copy of this rank's trainable shard in the parameter dtype (full
-fine-tuning: model bytes / world size; PEFT: the adapter only), plus, for SubZero, one fp32 piece of
-at most ``LOWRANK_CHUNK_ELEMENTS`` direction values at a time.
+fine-tuning: model bytes / world size; PEFT: the adapter only); for SubZero, the bases U, Vᵀ and
+one r×n μZVᵀ at a time.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import torch
 
 from . import kernels
 from .config import Method, SubZeroConfig, UpdateRounding
-from .perturbation import Subspace, draw_core, draw_subspace, full_fp32_matmuls, key_of, lowrank_pieces
-from .perturbation import near_square_shape
+from .perturbation import Subspace, draw_core, draw_subspace, key_of, near_square_shape
 from .shards import ParamShard, order_before_gathers
 
 RoundingKey = tuple[int, int] | None
@@ -72,11 +71,21 @@ class Direction(ABC):
 
 @dataclass(frozen=True)
 class LowRank:
-    """D = U · core · Vᵀ with ``core`` = μ·Z already scaled (U: m×r, core: r×r, V: n×r, fp32)."""
+    """D = U · core · Vᵀ with ``core`` = μ·Z already scaled (U: m×r, core: r×r, Vᵀ: r×n, fp32, one device).
+
+    ``core_vt`` = core · Vᵀ (r×n), made by the kernels in a fixed order of operations (the same bits
+    on every device); D's element (i, j) is U[i] · core_vt[:, j].
+    """
 
     u: torch.Tensor
     core: torch.Tensor
-    v: torch.Tensor
+    vt: torch.Tensor
+    core_vt: torch.Tensor
+
+    @property
+    def v(self) -> torch.Tensor:
+        """V (n×r)."""
+        return self.vt.T
 
 
 class GaussianDirection(Direction):
@@ -102,6 +111,8 @@ class SubspaceDirection(Direction):
         super().__init__(seed)
         self.rank, self.interval, self.reshape = rank, interval, reshape
         self._cache: dict[str, tuple[int, Subspace]] = {}  # name -> (window, subspace)
+        # (name, device) -> (step, factors): a step's passes (perturb ±, update) share one μZ·Vᵀ.
+        self._factors_of_step: dict[tuple[str, torch.device], tuple[int, LowRank]] = {}
 
     def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """The m×n the subspace is built for: the matrix itself, or its near-square view."""
@@ -123,12 +134,8 @@ class SubspaceDirection(Direction):
         if len(shape) != 2:
             return self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key)
         factors = self._factors(name, shape, step, out.device)
-        with full_fp32_matmuls():
-            core_vt = factors.core @ factors.v.T  # r×n, shared by every piece of the shard
-        for lo, d in lowrank_pieces(factors.u, core_vt, start, start + out.numel()):
-            at, size = lo - start, d.numel()
-            kernels.apply_(out.narrow(0, at, size), src.narrow(0, at, size), beta=beta, alpha=alpha, dense=d,
-                           offset=lo, rounding_key=rounding_key)
+        kernels.apply_(out, src, beta=beta, alpha=alpha, offset=start, lowrank=(factors.u, factors.core_vt),
+                       rounding_key=rounding_key)
 
     def has_lowrank(self, shape):
         return len(shape) == 2 and self.matrix_shape(shape) == tuple(shape)  # reshaped: low-rank only in its view
@@ -139,12 +146,18 @@ class SubspaceDirection(Direction):
         return self._factors(name, shape, step, device)
 
     def _factors(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str) -> LowRank:
-        """U, μ·Z_step, V of ``name`` in its (possibly reshaped) matrix shape, on ``device``."""
-        u, v = self.subspace(name, shape, step).on(device)
+        """U, μ·Z_step, Vᵀ and μ·Z_step·Vᵀ of ``name`` in its (possibly reshaped) matrix shape, on ``device``."""
+        device = torch.device(device)
+        cached = self._factors_of_step.get((name, device))
+        if cached is not None and cached[0] == step:
+            return cached[1]
+        u, vt = self.subspace(name, shape, step).on(device)
         rank = u.shape[1]
         core = draw_core((self.seed, "core", step, name, shape), rank, device)
-        scale = math.sqrt(math.prod(shape)) / rank  # μ: E‖D‖² = m·n, as for a full Gaussian
-        return LowRank(u=u, core=core.mul_(scale), v=v)
+        core.mul_(math.sqrt(math.prod(shape)) / rank)  # μ: E‖D‖² = m·n, as for a full Gaussian
+        factors = LowRank(u=u, core=core, vt=vt, core_vt=kernels.lowrank_core(core, vt))
+        self._factors_of_step[name, device] = (step, factors)
+        return factors
 
 
 def make_direction(config: SubZeroConfig, reshape: bool) -> Direction:

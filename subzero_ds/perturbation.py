@@ -7,8 +7,9 @@ the world size, rank or ZeRO partitioning.
 - Gaussian (MeZO) values come from the counter-based generator of :mod:`subzero_ds.kernels`: a key
   hashed from those fields, the value at i a function of (key, i), the same bits on every device.
 - Low-rank (SubZero) values of a flat range are ``U[rows] · (μ Z Vᵀ)`` for the rows the range
-  covers: a few matmuls per shard, never the whole m×n matrix. U, V are drawn on the host (the same
-  on every rank and device) and cached on each device that needs them for their window.
+  covers, computed element by element by the same kernels in a fixed order (never the whole m×n
+  matrix, never a BLAS matmul): the same bits for any slice and on every device. U, V are drawn on
+  the host (the same on every rank) and cached on each device that needs them for their window.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import torch
 from . import kernels
 
 Shape = tuple[int, ...]
-# Rows of U·(μZVᵀ) computed per matmul: at most this many fp32 direction values exist at once.
-LOWRANK_CHUNK_ELEMENTS = 1 << 24
 
 
 def stable_seed(*fields: object) -> int:
@@ -82,50 +81,36 @@ def orthonormal_basis(key: tuple[int, int], rows: int, rank: int) -> torch.Tenso
 
 @dataclass
 class Subspace:
-    """The bases of one matrix for one window: ``u`` (m×r) and ``v`` (n×r), orthonormal columns.
+    """The bases of one matrix for one window: ``u`` (m×r) and ``vt`` = Vᵀ (r×n), V with orthonormal columns.
 
     Drawn on the host; :meth:`on` gives (and keeps) a copy on each device that asks.
     """
 
     u: torch.Tensor
-    v: torch.Tensor
+    vt: torch.Tensor
 
     def __post_init__(self) -> None:
-        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {self.u.device: (self.u, self.v)}
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {self.u.device: (self.u, self.vt)}
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, V) on ``device``, copied there once per window."""
+    @property
+    def v(self) -> torch.Tensor:
+        """V (n×r)."""
+        return self.vt.T
+
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, Vᵀ) on ``device``, copied there once per window."""
         device = torch.device(device)
         if device not in self._copies:
-            self._copies[device] = (self.u.to(device), self.v.to(device))
+            self._copies[device] = (self.u.to(device), self.vt.to(device))
         return self._copies[device]
 
 
 def draw_subspace(key: tuple, rows: int, cols: int, rank: int) -> Subspace:
     """Draw U, V for a rows×cols matrix; ``key`` must include the window index t // F."""
     return Subspace(u=orthonormal_basis(key_of(*key, "U"), rows, rank),
-                    v=orthonormal_basis(key_of(*key, "V"), cols, rank))
+                    vt=orthonormal_basis(key_of(*key, "V"), cols, rank).T.contiguous())
 
 
 def draw_core(key: tuple, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The per-step r×r core Z_t with N(0, 1) entries, generated directly on ``device``."""
     return kernels.gaussian(rank * rank, key_of(*key, "Z"), device=device).view(rank, rank)
-
-
-def lowrank_pieces(u: torch.Tensor, core_vt: torch.Tensor, start: int, end: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Flat range [start, end) of the row-major matrix ``U · core_vt`` (fp32), as (first index, values) pieces.
-
-    Each piece is one matmul of at most ``LOWRANK_CHUNK_ELEMENTS`` values over the rows it covers
-    (partial first and last rows cut to the range); the whole m×n matrix never exists.
-    """
-    cols = core_vt.shape[1]
-    if start >= end:
-        return
-    rows_per_piece = max(1, LOWRANK_CHUNK_ELEMENTS // cols)
-    first_row, last_row = start // cols, (end - 1) // cols
-    with full_fp32_matmuls():
-        for row0 in range(first_row, last_row + 1, rows_per_piece):
-            row1 = min(row0 + rows_per_piece, last_row + 1)
-            values = (u.narrow(0, row0, row1 - row0) @ core_vt).view(-1)
-            lo, hi = max(start, row0 * cols), min(end, row1 * cols)
-            yield lo, values.narrow(0, lo - row0 * cols, hi - lo)

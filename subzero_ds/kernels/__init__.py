@@ -2,12 +2,16 @@
 
 One operation serves every write the optimizer makes::
 
-    out = round(beta · src + alpha · d)       d = the Gaussian direction (key, offset …) or a dense fp32 tensor
+    out = round(beta · src + alpha · d)       d: the Gaussian direction (key, offset …), a low-rank
+                                              U·(μZVᵀ) at its flat positions, or a dense fp32 tensor
 
 perturb (beta = 1, alpha = ±ε), update (beta = 1 − ηλ, alpha = −ηg) and plain generation (beta = 0).
-It is a ``torch.library`` custom op with a kernel per device: C++ on the host
-(``cpu_kernels.cpp``, built on first use), Triton on CUDA (``cuda.py``); any other device (and a
-host without a compiler) runs the torch reference of ``philox.py``. All three give the same bits.
+A low-rank element is Σ_k U[row, k]·CVᵀ[k, col] summed in increasing k, and CVᵀ = μZ·Vᵀ is made by
+:func:`lowrank_core` in a fixed order too, never by a BLAS matmul (whose rounding depends on the
+library, the device and the shape): so every slice of a direction, on every device, has the bits
+of the same range of the whole. Both are ``torch.library`` custom ops with a kernel per device:
+C++ on the host (``cpu_kernels.cpp``, built on first use), Triton on CUDA (``cuda.py``); any other
+device (and a host without a compiler) runs the torch reference here and in ``philox.py``.
 Under ``FakeTensorMode`` the op only checks that its tensors share one device, as the real kernels
 require.
 """
@@ -23,7 +27,7 @@ import torch
 from . import philox
 from .philox import GENERATOR
 
-__all__ = ["GENERATOR", "apply_", "gaussian", "direction_key"]
+__all__ = ["GENERATOR", "apply_", "direction_key", "gaussian", "lowrank_core"]
 
 logger = logging.getLogger("subzero_ds")
 _REFERENCE_CHUNK = 1 << 18  # elements per step of the torch reference (its int64 temporaries)
@@ -35,7 +39,8 @@ def direction_key(seed: int) -> tuple[int, int]:
 
 
 def apply_(out: torch.Tensor, src: torch.Tensor, *, beta: float, alpha: float, key: tuple[int, int] = (0, 0),
-           offset: int = 0, dense: torch.Tensor | None = None, rounding_key: tuple[int, int] | None = None
+           offset: int = 0, dense: torch.Tensor | None = None,
+           lowrank: tuple[torch.Tensor, torch.Tensor] | None = None, rounding_key: tuple[int, int] | None = None
            ) -> torch.Tensor:
     """``out = round(beta·src + alpha·d)`` elementwise, in fp32, rounded to ``out``'s dtype.
 
@@ -46,14 +51,24 @@ def apply_(out: torch.Tensor, src: torch.Tensor, *, beta: float, alpha: float, k
         key: Philox key of the Gaussian direction; element i of ``out`` gets its element ``offset + i``.
         offset: flat position of ``out[0]`` in the whole direction.
         dense: an fp32 direction slice to use instead of the Gaussian one.
+        lowrank: ``(U, CVᵀ)`` (m×r and r×n fp32, contiguous): the direction U·CVᵀ of an m×n matrix, of
+            which ``out`` holds the flat elements from ``offset`` on.
         rounding_key: round a bf16 ``out`` stochastically with these random bits (position ``offset + i``)
             instead of to nearest.
 
     Returns:
         ``out``.
     """
-    _apply(out, src, dense, float(beta), float(alpha), key[0], key[1], offset, rounding_key is not None,
+    u, cvt = lowrank if lowrank is not None else (None, None)
+    _apply(out, src, dense, u, cvt, float(beta), float(alpha), key[0], key[1], offset, rounding_key is not None,
            *(rounding_key or (0, 0)))
+    return out
+
+
+def lowrank_core(core: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    """``core · vt`` (r×r times r×n, fp32) summed in increasing index on every device: the CVᵀ of a direction."""
+    out = torch.empty(core.shape[0], vt.shape[1], dtype=torch.float32, device=vt.device)
+    _lowrank_core(out, core, vt)
     return out
 
 
@@ -64,42 +79,96 @@ def gaussian(numel: int, key: tuple[int, int], offset: int = 0, device: torch.de
 
 
 @torch.library.custom_op("subzero_ds::apply_", mutates_args=("out",))
-def _apply(out: torch.Tensor, src: torch.Tensor, dense: Optional[torch.Tensor], beta: float, alpha: float,
-           key0: int, key1: int, offset: int, stochastic: bool, rkey0: int, rkey1: int) -> None:
-    _reference_apply(out, src, dense, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
+def _apply(out: torch.Tensor, src: torch.Tensor, dense: Optional[torch.Tensor], u: Optional[torch.Tensor],
+           cvt: Optional[torch.Tensor], beta: float, alpha: float, key0: int, key1: int, offset: int, stochastic: bool,
+           rkey0: int, rkey1: int) -> None:
+    _reference_apply(out, src, dense, u, cvt, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
 
 
 @_apply.register_kernel("cpu")
-def _apply_cpu(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
-    _check(out, src, dense, stochastic)
-    from .cpu import compiled
-
-    module = compiled()
+def _apply_cpu(out, src, dense, u, cvt, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
+    _check(out, src, dense, u, cvt, offset, stochastic)
+    module = _host_module()
     if module is None:
-        _reference_apply(out, src, dense, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
+        _reference_apply(out, src, dense, u, cvt, beta, alpha, (key0, key1), offset,
+                         (rkey0, rkey1) if stochastic else None)
         return
-    module.apply(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1)
+    module.apply(out, src, dense, u, cvt, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1)
 
 
 @_apply.register_kernel("cuda")
-def _apply_cuda(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
-    _check(out, src, dense, stochastic)
+def _apply_cuda(out, src, dense, u, cvt, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
+    _check(out, src, dense, u, cvt, offset, stochastic)
     from . import cuda
 
-    cuda.apply_(out, src, dense, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
+    cuda.apply_(out, src, dense, (u, cvt) if u is not None else None, beta, alpha, (key0, key1), offset,
+                (rkey0, rkey1) if stochastic else None)
 
 
 @_apply.register_fake
-def _apply_fake(out, src, dense, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
-    _check(out, src, dense, stochastic)
+def _apply_fake(out, src, dense, u, cvt, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1) -> None:
+    _check(out, src, dense, u, cvt, offset, stochastic)
 
 
-def _check(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, stochastic: bool) -> None:
-    """The contract every kernel relies on (the real ones would read garbage or crash otherwise)."""
-    tensors = {"out": out, "src": src, **({"dense": dense} if dense is not None else {})}
-    devices = {name: t.device for name, t in tensors.items()}
+@torch.library.custom_op("subzero_ds::lowrank_core", mutates_args=("out",))
+def _lowrank_core(out: torch.Tensor, core: torch.Tensor, vt: torch.Tensor) -> None:
+    _check_core(out, core, vt)
+    _reference_lowrank_core(out, core, vt)
+
+
+@_lowrank_core.register_kernel("cpu")
+def _lowrank_core_cpu(out, core, vt) -> None:
+    _check_core(out, core, vt)
+    module = _host_module()
+    if module is None:
+        _reference_lowrank_core(out, core, vt)
+    else:
+        module.lowrank_core(out, core, vt)
+
+
+@_lowrank_core.register_kernel("cuda")
+def _lowrank_core_cuda(out, core, vt) -> None:
+    _check_core(out, core, vt)
+    from . import cuda
+
+    cuda.lowrank_core(out, core, vt)
+
+
+@_lowrank_core.register_fake
+def _lowrank_core_fake(out, core, vt) -> None:
+    _check_core(out, core, vt)
+
+
+def _host_module():
+    from .cpu import compiled
+
+    return compiled()
+
+
+def _same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) != 1:
-        raise RuntimeError(f"subzero_ds::apply_ needs its tensors on one device, got {devices}")
+        raise RuntimeError(f"subzero_ds kernels need their tensors on one device, got {devices}")
+
+
+def _check_core(out: torch.Tensor, core: torch.Tensor, vt: torch.Tensor) -> None:
+    _same_device(out=out, core=core, vt=vt)
+    rank, cols = core.shape[0], vt.shape[1]
+    if core.shape != (rank, rank) or vt.shape != (rank, cols) or out.shape != (rank, cols) or not all(
+            t.dtype == torch.float32 and t.is_contiguous() for t in (out, core, vt)):
+        raise RuntimeError(f"subzero_ds::lowrank_core needs contiguous fp32 core r×r, vt and out r×n, got "
+                           f"{tuple(core.shape)}, {tuple(vt.shape)}, {tuple(out.shape)}")
+
+
+def _check(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, u: torch.Tensor | None,
+           cvt: torch.Tensor | None, offset: int, stochastic: bool) -> None:
+    """The contract every kernel relies on (the real ones would read garbage or crash otherwise)."""
+    _same_device(out=out, src=src, dense=dense, u=u, cvt=cvt)
+    if (u is None) != (cvt is None) or (u is not None and not (
+            u.dim() == 2 and cvt.dim() == 2 and u.shape[1] == cvt.shape[0] and u.dtype == cvt.dtype == torch.float32
+            and u.is_contiguous() and cvt.is_contiguous() and offset + out.numel() <= u.shape[0] * cvt.shape[1])):
+        raise RuntimeError("subzero_ds::apply_ needs contiguous fp32 U (m×r) and CVᵀ (r×n) covering the range")
+    tensors = {"out": out, "src": src, **({"dense": dense} if dense is not None else {})}
     if out.dim() != 1 or not out.is_contiguous() or src.numel() != out.numel() or src.dtype != out.dtype:
         raise RuntimeError(f"subzero_ds::apply_ needs 1-D contiguous out/src of one size and dtype, got "
                            f"{tuple(out.shape)} {out.dtype} and {tuple(src.shape)} {src.dtype}")
@@ -109,14 +178,20 @@ def _check(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, sto
         raise RuntimeError(f"stochastic rounding is implemented for bf16 (fp32 needs none), not {out.dtype}")
 
 
-def _reference_apply(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, beta: float, alpha: float,
-                     key: tuple[int, int], offset: int, rounding_key: tuple[int, int] | None) -> None:
+def _reference_apply(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, u: torch.Tensor | None,
+                     cvt: torch.Tensor | None, beta: float, alpha: float, key: tuple[int, int], offset: int,
+                     rounding_key: tuple[int, int] | None) -> None:
     """The torch reference of the kernels (bit-identical to them), a chunk of elements at a time."""
-    _check(out, src, dense, rounding_key is not None)
+    _check(out, src, dense, u, cvt, offset, rounding_key is not None)
     beta32, alpha32 = _as_fp32(beta), _as_fp32(alpha)
     for lo in range(0, out.numel(), _REFERENCE_CHUNK):
         hi = min(lo + _REFERENCE_CHUNK, out.numel())
-        d = dense[lo:hi] if dense is not None else philox.normals(offset + lo, offset + hi, key, out.device)
+        if dense is not None:
+            d = dense[lo:hi]
+        elif u is not None:
+            d = _reference_lowrank(u, cvt, offset + lo, offset + hi)
+        else:
+            d = philox.normals(offset + lo, offset + hi, key, out.device)
         kept = beta32 * src[lo:hi].to(torch.float32) if beta32 != 0.0 else 0.0  # beta 0: src unread (as the kernels)
         value = kept + alpha32 * d
         if rounding_key is not None and out.dtype == torch.bfloat16:
@@ -124,6 +199,23 @@ def _reference_apply(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor |
             out[lo:hi] = philox.stochastic_round_bf16(value, bits)
         else:
             out[lo:hi] = value.to(out.dtype)
+
+
+def _reference_lowrank(u: torch.Tensor, cvt: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of U·CVᵀ: Σ_k U[row, k]·CVᵀ[k, col] in increasing k, as the kernels sum."""
+    elements = torch.arange(start, end, device=u.device)
+    rows, cols = elements // cvt.shape[1], elements % cvt.shape[1]
+    acc = torch.zeros(end - start, dtype=torch.float32, device=u.device)
+    for k in range(u.shape[1]):
+        acc = acc + u[:, k].index_select(0, rows) * cvt[k].index_select(0, cols)
+    return acc
+
+
+def _reference_lowrank_core(out: torch.Tensor, core: torch.Tensor, vt: torch.Tensor) -> None:
+    acc = torch.zeros_like(out)
+    for l in range(core.shape[1]):
+        acc = acc + core[:, l : l + 1] * vt[l : l + 1]
+    out.copy_(acc)
 
 
 def _as_fp32(value: float) -> float:

@@ -98,8 +98,9 @@ def _normal(element, key0, key1, SQRT_HALF: tl.constexpr, L0: tl.constexpr, L1: 
 
 
 @triton.jit
-def _apply_kernel(out_ptr, src_ptr, dense_ptr, n, beta, alpha, key0, key1, offset, rkey0, rkey1,
-                  HAS_DENSE: tl.constexpr, READ_SRC: tl.constexpr, BF16: tl.constexpr, STOCHASTIC: tl.constexpr,
+def _apply_kernel(out_ptr, src_ptr, dense_ptr, u_ptr, cvt_ptr, rank, cols, n, beta, alpha, key0, key1, offset,
+                  rkey0, rkey1, HAS_DENSE: tl.constexpr, HAS_LOWRANK: tl.constexpr, READ_SRC: tl.constexpr,
+                  BF16: tl.constexpr, STOCHASTIC: tl.constexpr,
                   BLOCK: tl.constexpr, SQRT_HALF: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr,
                   L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr, L5: tl.constexpr, L6: tl.constexpr,
                   L7: tl.constexpr, L8: tl.constexpr, LN2_HI: tl.constexpr, LN2_LO: tl.constexpr,
@@ -109,6 +110,16 @@ def _apply_kernel(out_ptr, src_ptr, dense_ptr, n, beta, alpha, key0, key1, offse
     mask = index < n
     if HAS_DENSE:
         direction = tl.load(dense_ptr + index, mask=mask, other=0.0)
+    elif HAS_LOWRANK:
+        # Σ_k U[row, k]·CVᵀ[k, col] in increasing k: the host kernel's order of operations.
+        element = index + offset
+        row = element // cols
+        col = element - row * cols
+        direction = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(rank):
+            u = tl.load(u_ptr + row * rank + k, mask=mask, other=0.0)
+            c = tl.load(cvt_ptr + k * cols + col, mask=mask, other=0.0)
+            direction = direction + u * c
     else:
         direction = _normal(index + offset, key0, key1, SQRT_HALF, L0, L1, L2, L3, L4, L5, L6, L7, L8,
                             LN2_HI, LN2_LO, TWO_PI, S0, S1, S2, C0, C1, C2)
@@ -141,17 +152,36 @@ _CONSTANTS = dict(
 )
 
 
-def apply_(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, beta: float, alpha: float,
-           key: tuple[int, int], offset: int, rounding_key: tuple[int, int] | None) -> None:
+def apply_(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None,
+           lowrank: tuple[torch.Tensor, torch.Tensor] | None, beta: float, alpha: float, key: tuple[int, int],
+           offset: int, rounding_key: tuple[int, int] | None) -> None:
     """out = round(beta·src + alpha·d) on the GPU; see :func:`subzero_ds.kernels.apply_`."""
     n = out.numel()
     if n == 0:
         return
-    grid = (triton.cdiv(n, BLOCK),)
-    stochastic = rounding_key is not None
-    _apply_kernel[grid](
-        out, src, dense if dense is not None else out, n, float(beta), float(alpha), key[0], key[1], offset,
-        *(rounding_key or (0, 0)), HAS_DENSE=dense is not None, READ_SRC=beta != 0.0, BF16=out.dtype == torch.bfloat16,
-        STOCHASTIC=stochastic,
+    u, cvt = lowrank if lowrank is not None else (out, out)
+    rank, cols = (u.shape[1], cvt.shape[1]) if lowrank is not None else (0, 1)
+    _apply_kernel[(triton.cdiv(n, BLOCK),)](
+        out, src, dense if dense is not None else out, u, cvt, rank, cols, n, float(beta), float(alpha), key[0],
+        key[1], offset, *(rounding_key or (0, 0)), HAS_DENSE=dense is not None, HAS_LOWRANK=lowrank is not None,
+        READ_SRC=beta != 0.0, BF16=out.dtype == torch.bfloat16, STOCHASTIC=rounding_key is not None,
         BLOCK=BLOCK, enable_fp_fusion=False, **_CONSTANTS,
     )
+
+
+@triton.jit
+def _lowrank_core_kernel(out_ptr, core_ptr, vt_ptr, rank, cols, BLOCK: tl.constexpr):
+    k = tl.program_id(0)
+    col = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = col < cols
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for l in range(rank):  # increasing l: the host kernel's order of operations
+        acc = acc + tl.load(core_ptr + k * rank + l) * tl.load(vt_ptr + l * cols + col, mask=mask, other=0.0)
+    tl.store(out_ptr + k * cols + col, acc, mask=mask)
+
+
+def lowrank_core(out: torch.Tensor, core: torch.Tensor, vt: torch.Tensor) -> None:
+    """out = core · vt (r×r · r×n) on the GPU; see :func:`subzero_ds.kernels.lowrank_core`."""
+    rank, cols = core.shape[0], vt.shape[1]
+    _lowrank_core_kernel[(rank, triton.cdiv(cols, BLOCK))](out, core, vt, rank, cols, BLOCK=BLOCK,
+                                                          enable_fp_fusion=False)

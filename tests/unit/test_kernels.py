@@ -118,10 +118,48 @@ def test_kernel_equals_the_reference_for_every_dtype(dtype, use_dense):
     dense = torch.randn(5000) if use_dense else None
     out, expected = torch.empty_like(src), torch.empty_like(src)
     kernels.apply_(out, src, beta=0.999, alpha=-3e-3, key=(4, 5), offset=123, dense=dense)
-    kernels._reference_apply(expected, src, dense, 0.999, -3e-3, (4, 5), 123, None)
+    kernels._reference_apply(expected, src, dense, None, None, 0.999, -3e-3, (4, 5), 123, None)
     assert torch.equal(out, expected)
     d = dense if use_dense else kernels.gaussian(5000, (4, 5), 123)
     assert torch.equal(out, (kernels._as_fp32(0.999) * src.float() + kernels._as_fp32(-3e-3) * d).to(dtype))
+
+
+def lowrank_factors(m=37, n=23, r=5):
+    generator = torch.Generator().manual_seed(0)
+    u, core, vt = (torch.randn(shape, generator=generator) for shape in ((m, r), (r, r), (r, n)))
+    return u, kernels.lowrank_core(core, vt), core, vt
+
+
+def test_lowrank_core_is_core_times_vt_in_a_fixed_order():
+    u, cvt, core, vt = lowrank_factors()
+    expected = torch.empty_like(cvt)
+    kernels._reference_lowrank_core(expected, core, vt)
+    assert torch.equal(cvt, expected)
+    torch.testing.assert_close(cvt, (core.double() @ vt.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_apply_is_u_times_cvt_and_equals_the_reference(dtype):
+    u, cvt, _, _ = lowrank_factors()
+    src = torch.randn(37 * 23 - 50).to(dtype)
+    out, expected = torch.empty_like(src), torch.empty_like(src)
+    kernels.apply_(out, src, beta=0.5, alpha=2.0, offset=50, lowrank=(u, cvt))
+    kernels._reference_apply(expected, src, None, u, cvt, 0.5, 2.0, (0, 0), 50, None)
+    assert torch.equal(out, expected)
+    d = (u.double() @ cvt.double()).view(-1)[50:]
+    torch.testing.assert_close(out.double(), (0.5 * src.double() + 2.0 * d).to(dtype).double(), rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("cuts", [[0, 1, 23, 24, 300, 851], [0, 851], [0, 5, 6, 7, 851], [0, 400, 851]])
+def test_lowrank_slices_are_bit_identical_to_the_whole(cuts):
+    u, cvt, _, _ = lowrank_factors()
+    whole = torch.empty(851)
+    kernels.apply_(whole, whole, beta=0.0, alpha=1.0, lowrank=(u, cvt))
+    pieces = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        piece = torch.empty(hi - lo)
+        pieces.append(kernels.apply_(piece, piece, beta=0.0, alpha=1.0, offset=lo, lowrank=(u, cvt)))
+    assert torch.equal(torch.cat(pieces), whole)
 
 
 def test_apply_in_place_and_beta_zero_ignores_src():
@@ -148,7 +186,7 @@ def test_stochastic_rounding_is_unbiased_and_matches_the_reference():
     sigma = ulp * 0.5 / math.sqrt(n)
     assert stochastic.double().mean().item() == pytest.approx(exact, abs=5 * sigma)
     expected = torch.empty_like(src)
-    kernels._reference_apply(expected, src, ones, 1.0, delta, (0, 0), 0, (3, 4))
+    kernels._reference_apply(expected, src, ones, None, None, 1.0, delta, (0, 0), 0, (3, 4))
     assert torch.equal(stochastic, expected)
     again = kernels.apply_(torch.empty_like(src), src, beta=1.0, alpha=delta, dense=ones, rounding_key=(3, 4))
     assert torch.equal(again, stochastic)  # seeded: a pure function of (key, position)
@@ -172,17 +210,22 @@ TRITON_CHECK = textwrap.dedent("""
     from subzero_ds.kernels import cuda
     for start, n in [(0, 3000), (5, 2049), (2**33 + 7, 1500)]:
         out = torch.empty(n)
-        cuda.apply_(out, out, None, 0.0, 1.0, (0xDEADBEEF, 0x12345678), start, None)
+        cuda.apply_(out, out, None, None, 0.0, 1.0, (0xDEADBEEF, 0x12345678), start, None)
         assert torch.equal(out, kernels.gaussian(n, (0xDEADBEEF, 0x12345678), start)), start
     src = torch.randn(3000)
+    u, core, vt = torch.randn(70, 5), torch.randn(5, 5), torch.randn(5, 50)
+    cvt = torch.empty(5, 50)
+    cuda.lowrank_core(cvt, core, vt)
+    assert torch.equal(cvt, kernels.lowrank_core(core, vt))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for dense in (None, torch.randn(3000)):
+        for dense, lowrank in ((None, None), (torch.randn(3000), None), (None, (u, cvt))):
             for rounding in ((None, (5, 6)) if dtype == torch.bfloat16 else (None,)):
                 s = src.to(dtype)
                 out, expected = torch.empty_like(s), torch.empty_like(s)
-                cuda.apply_(out, s, dense, 0.999, -1e-2, (1, 2), 11, rounding)
-                kernels._reference_apply(expected, s, dense, 0.999, -1e-2, (1, 2), 11, rounding)
-                assert torch.equal(out, expected), (dtype, dense is None, rounding)
+                cuda.apply_(out, s, dense, lowrank, 0.999, -1e-2, (1, 2), 11, rounding)
+                kernels._reference_apply(expected, s, dense, *(lowrank or (None, None)), 0.999, -1e-2, (1, 2), 11,
+                                         rounding)
+                assert torch.equal(out, expected), (dtype, dense is None, lowrank is None, rounding)
     print("triton kernel matches")
 """)
 
