@@ -28,10 +28,10 @@ What a rank holds during a ZO step (no gradients, no optimizer state):
 - **in-place backup** (not in fused mode): a copy of this rank's trainable shard in the parameter
   dtype for exact restore, plus a whole copy of every persistent trainable parameter; it lives
   where the shards live (CPU memory under NVMe offload: DeepSpeed does not swap it);
-- **direction buffers**: SubZero keeps U (m×r) and V (n×r) in fp32 for every trainable matrix,
-  r·(m+n)·4 bytes, plus one fp32 chunk of the direction and the fp32 copy of the shard piece it
-  is combined with; MeZO only the chunk. They live with the shards (in-place) or on the GPU
-  (fused: the rank-r side path runs inside the forward);
+- **direction factors**: SubZero keeps U (m×r), Vᵀ (r×n) and the step's μZVᵀ (r×n) in fp32 for
+  every trainable matrix, r·(m+2n)·4 bytes; MeZO nothing (its direction is generated and applied
+  in one kernel pass over the shard, as SubZero's is from those factors). They live with the
+  shards (in-place) or on the GPU (fused: the rank-r side path runs inside the forward);
 - **runtime**: a fixed allowance per process (CUDA context and communication buffers on GPU; the
   Python/torch/DeepSpeed process on CPU). With ``device="cpu"`` (validation on a CPU-only
   machine) every GPU byte lives in host RAM and the runtime item is the measured fixed cost of a
@@ -59,7 +59,6 @@ GiB = 2**30
 
 # Chunk sizes of subzero_ds.perturbation and subzero_ds.loss, repeated here so the planner does not
 # import torch (tests/unit/test_memory.py checks they agree).
-LOWRANK_CHUNK_ELEMENTS = 1 << 24  # subzero_ds.perturbation: fp32 values of U·(μZVᵀ) per matmul
 LOSS_CHUNK_ELEMENTS = 1 << 22
 SIDE_PATH_UPCAST_ELEMENTS = 1 << 22  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS
 
@@ -549,23 +548,23 @@ def _hf_lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int) -> floa
     return tokens * arch.vocab * (dtype_bytes + upcast + 4) + tokens * arch.hidden * dtype_bytes
 
 
-def _direction_bytes(arch: Architecture, zero: ZeroSettings) -> tuple[float, float]:
-    """(U, V bases of every trainable matrix, one working chunk) in bytes, fp32.
+def _direction_bytes(arch: Architecture, zero: ZeroSettings) -> float:
+    """SubZero's factors of every trainable matrix in bytes, fp32.
 
-    A Gaussian direction is generated and applied in one kernel pass (no buffer); a low-rank one
-    holds one matmul's piece of U·(μZVᵀ) and the r×n μZVᵀ at a time.
+    The kernels generate and apply a direction in one pass over the shard, with no buffer beside it.
+    SubZero keeps per matrix U (m×r), Vᵀ (r×n) for the window and the step's μZ·Vᵀ (r×n), shared
+    by the step's passes.
     """
     if zero.method != "subzero":
-        return 0.0, 0.0
-    bases, chunk = 0.0, 0.0
+        return 0.0
+    bases = 0.0
     for shape, count in arch.shapes():
         if len(shape) != 2:
             continue
         m, n = shape
         r = min(zero.rank, m, n)
-        bases += count * r * (m + n) * 4
-        chunk = max(chunk, (min(LOWRANK_CHUNK_ELEMENTS, m * n) + r * n) * 4)
-    return bases, chunk
+        bases += count * r * (m + 2 * n) * 4
+    return bases
 
 
 def estimate(
@@ -682,15 +681,14 @@ def _zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: B
     items.append(Item(gathered_name, gpu=gathered))
     items.append(Item("forward activations, peak" + batch_note, gpu=act))
 
-    bases, chunk = _direction_bytes(arch, zero)
+    bases = _direction_bytes(arch, zero)
     direction_tier = "gpu" if zero.fused or zero.offload is Offload.NONE else "cpu"
     if bases:
-        items.append(Item(f"SubZero U, V bases (fp32, r={zero.rank})", **{direction_tier: bases}))
+        items.append(Item(f"SubZero U, Vᵀ bases and μZVᵀ (fp32, r={zero.rank})", **{direction_tier: bases}))
     if zero.fused:
         # Entering the fused pass builds every served module's right factor C·Uᵀ (r × rows, fp32) at once.
         factors = sum(count * min(zero.rank, *shape) * shape[0] * 4 for shape, count in arch.shapes() if len(shape) == 2)
         items.append(Item("fused side-path factors C·Uᵀ (fp32)", gpu=factors))
-    items.append(Item("direction chunk (fp32)", **{direction_tier: chunk}))
     items.extend(_runtime_items(device, p))
     return [_on_device(item, device) for item in items], moment
 

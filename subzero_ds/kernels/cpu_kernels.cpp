@@ -113,14 +113,17 @@ void rounding_block(int64_t first, uint32_t key0, uint32_t key1, uint32_t* bits)
 template <typename T>
 inline T round_to(float value, bool stochastic, uint32_t random16) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (stochastic && std::isfinite(value)) {
-      // Adding 16 random bits below the kept ones rounds the magnitude up with probability equal to
-      // the dropped fraction: E[result] = value.
-      const uint32_t bits = (as_bits(value) + random16) & 0xFFFF0000u;
-      return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
-    }
+    // On the bits, branch-free (vectorizes): stochastic, adding 16 random bits below the kept ones
+    // rounds the magnitude up with probability equal to the dropped fraction (E[result] = value);
+    // otherwise round to nearest even, as c10::BFloat16 does. Inf/NaN: to nearest (NaN -> qNaN).
+    const uint32_t bits = as_bits(value);
+    const bool finite = (bits & 0x7F800000u) != 0x7F800000u;
+    const uint32_t bias = (stochastic && finite) ? random16 : 0x7FFFu + ((bits >> 16) & 1u);
+    const bool nan = !finite && (bits & 0x007FFFFFu) != 0;
+    const uint32_t rounded = nan ? 0x7FC00000u : bits + bias;
+    return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
   }
-  return static_cast<T>(value);  // round to nearest even
+  return static_cast<T>(value);  // fp32 exact; fp16 to nearest even
 }
 
 // A low-rank direction D = U · CVᵀ (U: m x r, cvt = μ Z Vᵀ: r x n, row-major fp32), element e at

@@ -99,9 +99,8 @@ def test_builtin_parameter_counts():
 
 
 def test_chunk_constants_match_perturbation_and_loss():
-    from subzero_ds import fused, loss, perturbation
+    from subzero_ds import fused, loss
 
-    assert memory.LOWRANK_CHUNK_ELEMENTS == perturbation.LOWRANK_CHUNK_ELEMENTS
     assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
     assert memory.SIDE_PATH_UPCAST_ELEMENTS == fused.UPCAST_CHUNK_ELEMENTS
 
