@@ -1,8 +1,8 @@
 """Zeroth-order optimizers over parameter shards.
 
-A ZO method is one thing: how it draws the direction D_t of a parameter, slice by slice
-(:class:`Direction`). :class:`ZOOptimizer` does the rest for every method: perturb the shards,
-restore them exactly, and apply θ ← θ − η·(g·D_t + λ·θ), each rank on its own shards only.
+A ZO method's direction D_t (:mod:`subzero_ds.methods`) is generated slice by slice;
+:class:`ZOOptimizer` does the rest for every method: perturb the shards, restore them exactly, and
+apply the update, each rank on its own shards only.
 
 Every write is one generate-and-apply pass over the shard on the shard's own device
 (:func:`subzero_ds.kernels.apply_`): no direction is materialized beside it, and nothing crosses
@@ -18,146 +18,15 @@ one r×n μZVᵀ at a time.
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-
 import deepspeed
 import torch
 
-from . import kernels
 from .config import Method, SubZeroConfig, UpdateRounding
-from .perturbation import Subspace, draw_core, draw_subspace, key_of, near_square_shape
+from .methods.base import Direction, LowRank  # noqa: F401 - LowRank: fused.py's import, until it moves
+from .methods.mezo import GaussianDirection
+from .methods.subzero import SubspaceDirection
+from .perturbation import key_of
 from .shards import ParamShard, order_before_gathers
-
-RoundingKey = tuple[int, int] | None
-
-
-class Direction(ABC):
-    """How a ZO method draws D_t; a pure function of (seed, step, name, shape, position)."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    @abstractmethod
-    def apply_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int, start: int,
-               beta: float, alpha: float, rounding_key: RoundingKey = None) -> None:
-        """``out = round(beta·src + alpha·D_step[start : start + len(out)])`` for parameter ``name``.
-
-        ``out`` and ``src`` are 1-D, of one dtype and device (``out`` may be ``src``); the direction
-        is computed on that device, in fp32.
-        """
-
-    def apply_gaussian_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
-                        start: int, beta: float, alpha: float, rounding_key: RoundingKey = None) -> None:
-        """:meth:`apply_` with the i.i.d. N(0, 1) direction of ``name``."""
-        key = key_of(self.seed, "gaussian", step, name, shape)
-        kernels.apply_(out, src, beta=beta, alpha=alpha, key=key, offset=start, rounding_key=rounding_key)
-
-    def full(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The whole fp32 D_step of ``name`` in its own shape, on ``device`` (the values of every slice)."""
-        out = torch.empty(math.prod(shape), dtype=torch.float32, device=device)
-        self.apply_(out, out, name, shape, step, 0, beta=0.0, alpha=1.0)
-        return out.view(shape)
-
-    def has_lowrank(self, shape: tuple[int, ...]) -> bool:
-        """Whether :meth:`lowrank` gives factors for a parameter of this shape."""
-        return False
-
-    def lowrank(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu") -> LowRank:
-        """D_step as factors μ·U·Z·Vᵀ in the parameter's own shape, on ``device`` (only where :meth:`has_lowrank`)."""
-        raise ValueError(f"{type(self).__name__} has no low-rank factors for {name} {shape}")
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """D = U · core · Vᵀ with ``core`` = μ·Z already scaled (U: m×r, core: r×r, Vᵀ: r×n, fp32, one device).
-
-    ``core_vt`` = core · Vᵀ (r×n), made by the kernels in a fixed order of operations (the same bits
-    on every device); D's element (i, j) is U[i] · core_vt[:, j].
-    """
-
-    u: torch.Tensor
-    core: torch.Tensor
-    vt: torch.Tensor
-    core_vt: torch.Tensor
-
-    @property
-    def v(self) -> torch.Tensor:
-        """V (n×r)."""
-        return self.vt.T
-
-
-class GaussianDirection(Direction):
-    """MeZO: every element an independent N(0, 1)."""
-
-    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None):
-        self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key)
-
-
-class SubspaceDirection(Direction):
-    """SubZero: D_t = μ·U·Z_t·Vᵀ with U, V redrawn once per window of ``interval`` steps.
-
-    Non-matrix parameters (biases, norm weights) use the Gaussian direction.
-
-    Args:
-        seed: the run seed.
-        rank: subspace rank r (capped at min(m, n)).
-        interval: window length F; the subspace of step t belongs to window t // F.
-        reshape: view each matrix as its near-square factor pair before building U, V.
-    """
-
-    def __init__(self, seed: int, rank: int, interval: int, reshape: bool) -> None:
-        super().__init__(seed)
-        self.rank, self.interval, self.reshape = rank, interval, reshape
-        self._cache: dict[str, tuple[int, Subspace]] = {}  # name -> (window, subspace)
-        # (name, device) -> (step, factors): a step's passes (perturb ±, update) share one μZ·Vᵀ.
-        self._factors_of_step: dict[tuple[str, torch.device], tuple[int, LowRank]] = {}
-
-    def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """The m×n the subspace is built for: the matrix itself, or its near-square view."""
-        return near_square_shape(*shape) if self.reshape else (shape[0], shape[1])
-
-    def subspace(self, name: str, shape: tuple[int, ...], step: int) -> Subspace:
-        """U, V of ``name`` for the window holding ``step`` (drawn once per window on the host, then cached)."""
-        window = step // self.interval
-        cached = self._cache.get(name)
-        if cached is None or cached[0] != window:
-            rows, cols = self.matrix_shape(shape)
-            rank = min(self.rank, rows, cols)
-            key = (self.seed, "subspace", window, name, shape, rows, cols, rank)
-            cached = (window, draw_subspace(key, rows, cols, rank))
-            self._cache[name] = cached
-        return cached[1]
-
-    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None):
-        if len(shape) != 2:
-            return self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key)
-        factors = self._factors(name, shape, step, out.device)
-        kernels.apply_(out, src, beta=beta, alpha=alpha, offset=start, lowrank=(factors.u, factors.core_vt),
-                       rounding_key=rounding_key)
-
-    def has_lowrank(self, shape):
-        return len(shape) == 2 and self.matrix_shape(shape) == tuple(shape)  # reshaped: low-rank only in its view
-
-    def lowrank(self, name, shape, step, device="cpu"):
-        if not self.has_lowrank(shape):
-            return super().lowrank(name, shape, step, device)
-        return self._factors(name, shape, step, device)
-
-    def _factors(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str) -> LowRank:
-        """U, μ·Z_step, Vᵀ and μ·Z_step·Vᵀ of ``name`` in its (possibly reshaped) matrix shape, on ``device``."""
-        device = torch.device(device)
-        cached = self._factors_of_step.get((name, device))
-        if cached is not None and cached[0] == step:
-            return cached[1]
-        u, vt = self.subspace(name, shape, step).on(device)
-        rank = u.shape[1]
-        core = draw_core((self.seed, "core", step, name, shape), rank, device)
-        core.mul_(math.sqrt(math.prod(shape)) / rank)  # μ: E‖D‖² = m·n, as for a full Gaussian
-        factors = LowRank(u=u, core=core, vt=vt, core_vt=kernels.lowrank_core(core, vt))
-        self._factors_of_step[name, device] = (step, factors)
-        return factors
 
 
 def make_direction(config: SubZeroConfig, reshape: bool) -> Direction:
