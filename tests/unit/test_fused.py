@@ -1,5 +1,7 @@
 """The fused ± pass on one rank: PEFT modes, unknown module types, bf16, and the loss-function contract."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.demo import pattern_batch, tiny_config, tiny_model
 from subzero_ds.export import iter_full_state
+from subzero_ds import fused as fused_module
 from subzero_ds.fused import FusedPassError
 
 
@@ -95,11 +98,81 @@ def test_bf16_fused_with_zero_lr_leaves_every_weight_bit_identical():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_bf16_fused_losses_match_the_in_place_ones():
-    in_place = run(lambda: tiny_model("llama"), make_config(False, bf16=True, eps=1e-2), steps=3)[0]
-    fused = run(lambda: tiny_model("llama"), make_config(True, bf16=True, eps=1e-2), steps=3)[0]
-    for a, b in zip(in_place, fused):  # bf16 in place rounds θ ± εD to 8 bits; the side path adds εD in fp32
+BF16_EPS = 1e-2
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # round to nearest with 8 significant bits: |error| <= 2^-8 |x|
+
+
+def bf16_run(fused: bool, steps: int = 3):
+    engine = subzero_ds.initialize(model=tiny_model("llama"), config=make_config(fused, bf16=True, eps=BF16_EPS))
+    return engine, [engine.step(pattern_batch(4, seed=i)) for i in range(steps)]
+
+
+def bf16_pass_noise(direction, step: int) -> float:
+    """Standard deviation of the bf16 rounding error of one ℓ± pass on step ``step``'s batch (tiny LLaMA).
+
+    Every bf16 value a pass produces (the in-place mode's weights θ ± εD, every module's output) is
+    rounded to nearest: an error within ±2^-8 of its size, modelled as independent and uniform, of
+    standard deviation 2^-8/√3 · |x|. To first order it moves the loss by (∂L/∂x) · error, so the
+    pass's loss has an error of std 2^-8/√3 · ‖(∂L/∂x) ⊙ x‖₂ over all those values x: autograd on an
+    fp32 copy of the bf16 model at θ, with |θ| + ε|D| for |θ ± εD|. Each module's output counts
+    (a Linear inside an attention block and the block's output are both counted): an overestimate.
+    """
+    model = tiny_model("llama").to(torch.bfloat16).float().eval()
+    outputs = {}
+
+    def keep(module, args, output):
+        tensor = output[0] if isinstance(output, tuple) else getattr(output, "logits", output)
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            tensor.retain_grad()
+            outputs[id(tensor)] = tensor
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules()]
+    model(**pattern_batch(4, seed=step)).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    squares = sum(((p.grad * (p.detach().abs() + BF16_EPS * direction.full(n, tuple(p.shape), step).abs())) ** 2).sum()
+                  for n, p in model.named_parameters())
+    squares = squares + sum(((y.grad * y.detach()) ** 2).sum() for y in outputs.values() if y.grad is not None)
+    return BF16_UNIT_ROUNDOFF / math.sqrt(3) * math.sqrt(squares.item())
+
+
+@pytest.fixture(scope="module")
+def bf16_in_place():
+    """The in-place bf16 run and, per step, the bound on |Δ(ℓ+ − ℓ−)| between the two modes."""
+    engine, results = bf16_run(False)
+    # Δ(ℓ+ − ℓ−) between the modes holds four passes' rounding errors (ℓ+, ℓ− of each): std 2σ; allow 6 std.
+    bounds = [6 * 2 * bf16_pass_noise(engine.optimizer.direction, r.step) for r in results]
+    return results, bounds
+
+
+def assert_same_differences(in_place, fused, bounds):
+    for a, b, bound in zip(in_place, fused, bounds):
+        assert abs((b.loss_pos - b.loss_neg) - (a.loss_pos - a.loss_neg)) <= bound, (a, b, bound)
+        assert abs(b.projected_grad - a.projected_grad) <= bound / (2 * BF16_EPS), (a, b, bound)
+
+
+def test_bf16_fused_losses_match_the_in_place_ones(bf16_in_place):
+    """ℓ+ − ℓ− and g agree within bf16 rounding: measured |Δ| ~1.5e-4 against bounds ~2e-3.
+
+    Each bound is below |ℓ+ − ℓ−| itself (9e-3 … 4e-2), so halves swapped (ℓ+ − ℓ− → about −(ℓ+ − ℓ−))
+    cannot pass.
+    """
+    in_place, bounds = bf16_in_place
+    _, fused = bf16_run(True)
+    assert all(bound < abs(r.loss_pos - r.loss_neg) for r, bound in zip(in_place, bounds)), bounds
+    assert_same_differences(in_place, fused, bounds)
+    for a, b in zip(in_place, fused):
         assert b.loss_pos == pytest.approx(a.loss_pos, abs=3e-2) and b.loss_neg == pytest.approx(a.loss_neg, abs=3e-2)
+
+
+def test_swapped_halves_fail_the_bf16_comparison(bf16_in_place, monkeypatch):
+    """The comparison above can fail: with the side path's ± halves swapped, it does."""
+    in_place, bounds = bf16_in_place
+    half_signs = fused_module._half_signs
+    monkeypatch.setattr(fused_module, "_half_signs", lambda *args, **kwargs: -half_signs(*args, **kwargs))
+    _, swapped = bf16_run(True)
+    with pytest.raises(AssertionError):
+        assert_same_differences(in_place, swapped, bounds)
 
 
 def test_a_custom_loss_function_gets_its_own_half_of_each_call():
