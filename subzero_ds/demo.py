@@ -1,19 +1,28 @@
 """Tiny models and a synthetic task, built offline, for the README's demo, the tests and benchmarks.
 
-``tiny_model("opt")`` / ``tiny_model("llama")`` are real ``transformers`` models (OPT and LLaMA
-code paths) with 2 layers and width 64; the same seed gives the same weights in every process.
+``tiny_model(arch)`` builds a real ``transformers`` causal LM of one of :data:`ARCHITECTURES` (OPT,
+LLaMA, GPT-2, Mistral and Qwen2 code paths) with 2 layers and width 64; the same seed gives the same
+weights in every process.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, PretrainedConfig, PreTrainedModel, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 VOCAB = 96
+# The tiny causal LMs tiny_model builds: OPT (learned positions, biases, LayerNorm), LLaMA (RoPE, RMSNorm,
+# grouped-query attention), GPT-2 (Conv1D layers, weight in×out; tied LM head), Mistral (LLaMA-like with
+# sliding-window attention), Qwen2 (q/k/v biases; tied LM head, as its small checkpoints).
+ARCHITECTURES = ("opt", "llama", "gpt2", "mistral", "qwen2")
+_MODEL_CLASSES = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel,
+                  "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
 
 
-def tiny_config(arch: str, hidden: int = 64, layers: int = 2, vocab: int = VOCAB):
-    """A small OPT or LLaMA config (SDPA attention, no KV cache needed)."""
+def tiny_config(arch: str, hidden: int = 64, layers: int = 2, vocab: int = VOCAB) -> PretrainedConfig:
+    """A small config of one of :data:`ARCHITECTURES` (SDPA attention, no KV cache needed)."""
     if arch == "opt":
         return OPTConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
@@ -26,7 +35,24 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, vocab: int = VOCAB
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         )
-    raise ValueError(f"unknown tiny architecture {arch!r}: use 'opt' or 'llama'")
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        )
+    if arch == "mistral":
+        return MistralConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=8,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        )
+    if arch == "qwen2":
+        return Qwen2Config(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        )
+    raise ValueError(f"unknown tiny architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
 
 
 def tiny_model(arch: str = "opt", seed: int = 0, **sizes: int) -> PreTrainedModel:
@@ -35,8 +61,7 @@ def tiny_model(arch: str = "opt", seed: int = 0, **sizes: int) -> PreTrainedMode
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model_class = OPTForCausalLM if arch == "opt" else LlamaForCausalLM
-        return model_class(config).float()
+        return _MODEL_CLASSES[arch](config).float()
 
 
 def pattern_batch(batch_size: int, seq_len: int = 16, vocab: int = VOCAB, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -8,13 +8,19 @@ update writes to the shards (no restore, so no half-precision restore drift).
 How each trainable parameter is served, decided once per model:
 
 - ``nn.Linear`` weight with a low-rank direction: side path ``± ε·((x V) Cᵀ) Uᵀ``;
+- GPT-2's ``Conv1D`` weight (``x W + b``, W stored in×out) with a low-rank direction: side path
+  ``± ε·((x U) C) Vᵀ`` (x·D rather than x·Dᵀ: the factors swap roles relative to ``nn.Linear``);
 - ``nn.Embedding`` weight with a low-rank direction: side path ``± ε·(U[ids] C) Vᵀ`` (a tied
   LM head is an ``nn.Linear`` with the same parameter, hence the same direction);
-- ``nn.Linear`` bias: ``± ε·d``, its Gaussian direction added to the output;
+- ``nn.Linear`` and ``Conv1D`` bias: ``± ε·d``, its Gaussian direction added to the output;
 - everything else (norm weights, MeZO's full-rank directions, reshaped PEFT factors, module
   types this file does not know): *materialized per gathered layer* — the module runs twice on
   the two halves of its input with its parameters set to θ + εD and θ − εD exactly as the
   in-place mode would write them, then its gathered tensors are put back untouched.
+
+A layer whose input is shared by the whole batch (one row in dim 0, broadcast later: GPT-2's
+position embedding gets ``position_ids`` of shape 1 × seq) has one output for both halves; its
+output is repeated to the doubled batch's rows first, so each half gets its own sign.
 
 The loss function is not changed: :func:`half_losses` runs it twice against stand-ins for the
 model; the first run's model calls execute the real model once each on the doubled batch, and
@@ -35,6 +41,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from transformers.pytorch_utils import Conv1D
 
 from .distributed import log
 from .loss import CHUNKED_LOSS_TYPES, IGNORE_INDEX, language_model_loss, loss_type, no_cache, scores_language_model
@@ -75,6 +83,7 @@ class FusedPass:
         self._sign_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         # Inside a materialized module each half runs alone: everything below it takes that half's sign.
         self._sign_of_half: float | None = None
+        self._rows: int | None = None  # rows of the doubled batch of the model call running now (2B)
         by_param = {id(shard.param): shard for shard in shards}
         self.served: list[_Served] = []
         for module in model.modules():
@@ -98,7 +107,7 @@ class FusedPass:
                + ", ".join(f"{n}×{k}" for k, n in sorted(fallback.items())) if fallback else ""))
 
     def _has_side_path(self, module: nn.Module, attr: str, shard: ParamShard) -> bool:
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or type(module) is Conv1D:
             return attr == "bias" or self.direction.has_lowrank(shard.shape)
         if type(module) is nn.Embedding and module.max_norm is None:
             return attr == "weight" and self.direction.has_lowrank(shard.shape)
@@ -110,6 +119,8 @@ class FusedPass:
         and θ − εD_step on the second. ``head_forward`` replaces the LM head's forward (it applies
         the head's side path itself)."""
         with contextlib.ExitStack() as stack:
+            stack.enter_context(self.model.register_forward_pre_hook(self._record_rows, with_kwargs=True))
+            stack.callback(setattr, self, "_rows", None)
             if head_forward is not None:
                 stack.enter_context(_replaced_forward(self._head, head_forward))
             for served in self.served:
@@ -123,6 +134,16 @@ class FusedPass:
             if self._split_get_prompt:
                 stack.enter_context(_replaced_forward(self.model, self._split_get_prompt_fn(), "get_prompt"))
             yield
+
+    def _record_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: remember the doubled batch's rows (for inputs shared by the batch)."""
+        self._rows = _first_rows(args, kwargs)
+
+    def _broadcast_rows(self, inputs: torch.Tensor) -> int | None:
+        """The doubled batch's rows if ``inputs`` is one row shared by the whole batch, else None."""
+        if self._sign_of_half is None and inputs.ndim and inputs.shape[0] == 1 and (self._rows or 0) > 1:
+            return self._rows
+        return None
 
     def serves_language_model_loss(self, batch: Any) -> bool:
         """Whether :meth:`language_model_losses` can compute this batch's default loss."""
@@ -198,22 +219,29 @@ class FusedPass:
 
     def _side_path_hook(self, served: _Served, step: int) -> Callable:
         embedding = isinstance(served.module, nn.Embedding)
+        # D's rows index the input features (x·D) for Conv1D and Embedding, its columns for Linear (x·Dᵀ).
+        input_rows = embedding or isinstance(served.module, Conv1D)
         weight, bias = served.params.get("weight"), served.params.get("bias")
         # Per device of the layer's output (the gathered layer's): factors made there once per step.
         factors_on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         bias_on: dict[torch.device, torch.Tensor] = {}
 
         def factors(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            """(left fp32, right in the output's dtype): Linear x Dᵀ = ((x V) Cᵀ) Uᵀ, Embedding D[ids] = (U[ids] C) Vᵀ."""
+            """(left fp32, right in the output's dtype): Linear x Dᵀ = ((x V) Cᵀ) Uᵀ, Conv1D x D = ((x U) C) Vᵀ,
+            Embedding D[ids] = (U[ids] C) Vᵀ."""
             if (device, dtype) not in factors_on:
                 low: LowRank = self.direction.lowrank(weight.name, weight.shape, step, device)
                 with full_fp32_matmuls():
-                    right = low.core_vt if embedding else low.core.T @ low.u.T
-                factors_on[device, dtype] = (low.u if embedding else low.v, right.to(dtype))
+                    right = low.core_vt if input_rows else low.core.T @ low.u.T
+                factors_on[device, dtype] = (low.u if input_rows else low.v, right.to(dtype))
             return factors_on[device, dtype]
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             inputs = args[0]
+            rows = self._broadcast_rows(inputs)
+            if rows is not None:  # one output shared by the batch: give each half its own copy to perturb
+                output = output.expand(rows, *output.shape[1:]).contiguous()
+                inputs = inputs.expand(rows, *inputs.shape[1:])
             signs = self._signs(inputs, inputs.ndim + (1 if embedding else 0), module)
             if weight is not None:
                 left, right = factors(output.device, output.dtype)
@@ -252,6 +280,11 @@ class FusedPass:
             try:
                 if self._sign_of_half is not None:  # already one half: run once with its sign
                     return run(self._sign_of_half, *args, **kwargs)
+                first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim), None)
+                shared = self._broadcast_rows(first) if first is not None else None
+                if shared is not None:  # one input row shared by the batch: each sign's output for its half
+                    halves = [_repeat_rows(run(sign, *args, **kwargs), shared // 2) for sign in (1.0, -1.0)]
+                    return _concat(halves, served.module)
                 rows = _batch_rows(args, kwargs, served.module)
                 halves = [run(sign, *_half(args, rows, h), **_half(kwargs, rows, h)) for h, sign in ((0, 1.0), (1, -1.0))]
                 return _concat(halves, served.module)
@@ -364,6 +397,23 @@ def _half_signs(rows: int, eps: float, ndim: int, module: nn.Module, device: tor
         )
     half = torch.full((rows // 2,), eps, dtype=torch.float32, device=device)
     return torch.cat([half, -half]).view(rows, *([1] * (ndim - 1)))
+
+
+def _first_rows(args: tuple, kwargs: dict) -> int | None:
+    """Rows in dim 0 of the first tensor argument with a dim 0, or None."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return value.shape[0]
+    return None
+
+
+def _repeat_rows(output: Any, rows: int) -> Any:
+    """``output`` (tensors with one row in dim 0, possibly nested in tuples) repeated to ``rows`` rows."""
+    if isinstance(output, torch.Tensor):
+        return output.expand(rows, *output.shape[1:]) if output.ndim and output.shape[0] == 1 else output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_repeat_rows(v, rows) for v in output)
+    return output
 
 
 def _batch_rows(args: tuple, kwargs: dict, module: nn.Module) -> int:
