@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .distributed import all_gather_objects, barrier, get_world_size_and_rank, is_main_process
+from .methods.base import StateTensor
 from .shards import ParamShard
 
 MANIFEST = "manifest.json"
@@ -87,7 +88,8 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def save_sharded(root: str | os.PathLike, step: int, shards: list[ParamShard], state: dict[str, Any],
-                 extra: dict[str, Any], keep_last: int | None = None) -> Path:
+                 extra: dict[str, Any], keep_last: int | None = None,
+                 method_state: list[StateTensor] | None = None) -> Path:
     """Write ``checkpoint-<step>`` under ``root`` atomically. Collective: call on every rank.
 
     Args:
@@ -97,6 +99,8 @@ def save_sharded(root: str | os.PathLike, step: int, shards: list[ParamShard], s
         state: the engine's state (JSON-serializable).
         extra: the caller's state (JSON-serializable), e.g. the data position.
         keep_last: delete all but the newest ``keep_last`` checkpoints after this one is in place.
+        method_state: the ZO method's state tensors (momentum, Adam moments, HiZOO's Hessian), each
+            saved over the flat range this rank holds (a replicated one whole).
 
     Returns:
         The checkpoint directory.
@@ -116,6 +120,9 @@ def save_sharded(root: str | os.PathLike, step: int, shards: list[ParamShard], s
     for shard in shards:
         with shard.swapped_in() as local:  # an NVMe-offloaded shard is read in first
             tensors[shard.name] = local.detach().to("cpu", copy=True).contiguous()
+    for entry in method_state or []:
+        ranges[entry.name] = [entry.offset, entry.offset + entry.tensor.numel()]
+        tensors[entry.name] = entry.tensor.detach().reshape(-1).to("cpu", copy=True).contiguous()
     save_file(tensors, staging / name, metadata={"ranges": json.dumps(ranges)})
     digest = _fsync_and_hash(staging / name)
     written = all_gather_objects((name, digest, ranges))
@@ -128,8 +135,10 @@ def save_sharded(root: str | os.PathLike, step: int, shards: list[ParamShard], s
             "state": state,
             "extra": extra,
             "files": {n: {"sha256": d, "ranges": r} for n, d, r in written},
-            "shapes": {s.name: list(s.shape) for s in shards},
-            "dtypes": {s.name: str(s.param.dtype).removeprefix("torch.") for s in shards},
+            "shapes": {**{s.name: list(s.shape) for s in shards},
+                       **{e.name: list(e.shape) for e in method_state or []}},
+            "dtypes": {**{s.name: str(s.param.dtype).removeprefix("torch.") for s in shards},
+                       **{e.name: str(e.tensor.dtype).removeprefix("torch.") for e in method_state or []}},
         }
         _write_json_durably(staging / MANIFEST, manifest)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -197,7 +206,8 @@ def read_range(path: str | os.PathLike, manifest: Manifest, param: str, start: i
     return out
 
 
-def load_sharded(path: str | os.PathLike, shards: list[ParamShard]) -> Manifest:
+def load_sharded(path: str | os.PathLike, shards: list[ParamShard],
+                 method_state: list[StateTensor] | None = None) -> Manifest:
     """Copy this rank's ranges of every trainable parameter from the checkpoint at ``path``.
 
     Works for any world size: each range is re-cut from the full-shape positions the files record.
@@ -210,7 +220,7 @@ def load_sharded(path: str | os.PathLike, shards: list[ParamShard]) -> Manifest:
     world_size, rank = get_world_size_and_rank()
     files = sorted(manifest.files)
     verify_files(path, manifest, files[rank::world_size])
-    expected = {s.name: list(s.shape) for s in shards}
+    expected = {**{s.name: list(s.shape) for s in shards}, **{e.name: list(e.shape) for e in method_state or []}}
     if expected != manifest.shapes:
         missing = sorted(set(expected) - set(manifest.shapes))
         unexpected = sorted(set(manifest.shapes) - set(expected))
@@ -218,13 +228,17 @@ def load_sharded(path: str | os.PathLike, shards: list[ParamShard]) -> Manifest:
         raise CheckpointError(
             f"the checkpoint {path} was written for other trainable parameters: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, different shape {reshaped[:5]}. Resume with the same model, "
-            "tuning mode (full/LoRA/prefix/prompt) and adapter settings as the run that wrote it."
+            "tuning mode (full/LoRA/prefix/prompt), adapter settings and ZO method state (\"update\") as the run "
+            "that wrote it."
         )
     with torch.no_grad():
         for shard in shards:
             values = read_range(path, manifest, shard.name, shard.start, shard.end)
             with shard.swapped_in() as local:  # an NVMe-offloaded shard is written back on exit
                 local.copy_(values.to(shard.param.dtype))
+        for entry in method_state or []:
+            values = read_range(path, manifest, entry.name, entry.offset, entry.offset + entry.tensor.numel())
+            entry.tensor.copy_(values.view(entry.tensor.shape))
     return manifest
 
 

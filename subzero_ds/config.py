@@ -11,18 +11,35 @@ import copy
 import json
 import os
 from enum import Enum
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SECTION = "subzero"
 
 
 class Method(str, Enum):
-    """Which random direction the two-point estimator uses."""
+    """Which random direction (and estimator) a ZO step uses."""
 
     SUBZERO = "subzero"  # low-rank U Z V^T in a lazily refreshed random subspace
     MEZO = "mezo"  # i.i.d. N(0, 1) in every element
+    HIZOO = "hizoo"  # Gaussian preconditioned by a diagonal Hessian estimate; probes ℓ0, ℓ+, ℓ−
+    SPARSE_MEZO = "sparse_mezo"  # Gaussian on the small-magnitude weights of each parameter only
+
+
+class Update(str, Enum):
+    """How g·D becomes Δθ."""
+
+    SGD = "sgd"  # θ ← θ − η(g·D + λθ)
+    MOMENTUM = "momentum"  # M ← βM + g·D; θ ← θ − η(M + λθ)
+    ADAM = "adam"  # Adam's moments of g·D
+
+
+class StateOnRefresh(str, Enum):
+    """What SubZero's subspace-coordinate momentum/Adam state does when U, V are redrawn."""
+
+    RESET = "reset"  # start from zero in the new subspace
+    PROJECT = "project"  # carry over: M ← (U_newᵀ U_old) M (V_oldᵀ V_new)
 
 
 class Reshape(str, Enum):
@@ -80,9 +97,63 @@ class SubZeroConfig(BaseModel):
         description='"nearest" or "stochastic": seeded, unbiased rounding of each bf16 parameter\'s update '
                     "(an update smaller than half an ulp of the weight survives in expectation).",
     )
+    update: Update = Field(
+        Update.SGD, strict=False, description='"sgd", "momentum" or "adam": how g·D becomes the step.'
+    )
+    queries: int = Field(1, ge=1, description="Directions per step q, an integer >= 1 (2q forwards; update: their mean).")
+    momentum: float = Field(
+        0.9, ge=0.0, lt=1.0, allow_inf_nan=False, description='β of "update": "momentum", a number in [0, 1).'
+    )
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]] = Field(
+        [0.9, 0.999], min_length=2, max_length=2, description='β1, β2 of "update": "adam", two numbers in [0, 1).'
+    )
+    adam_eps: float = Field(1e-8, gt=0.0, allow_inf_nan=False, description="Adam's ε, a number > 0.")
+    state_on_refresh: StateOnRefresh = Field(
+        StateOnRefresh.RESET, strict=False,
+        description='SubZero momentum/Adam state at a subspace refresh: "reset" or "project" into the new subspace.',
+    )
+    hessian_smooth: float = Field(
+        1e-8, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="HiZOO's Hessian smoothing α in [0, 1] (the authors' OPT-13B setting: 1e-8).",
+    )
+    sparsity: float = Field(
+        0.75, gt=0.0, lt=1.0, allow_inf_nan=False,
+        description="S-MeZO: the share of each parameter's largest-magnitude elements left out, in (0, 1).",
+    )
+    mask_interval: int = Field(
+        100, ge=1, description="S-MeZO: steps between recomputations of the per-parameter magnitude thresholds.",
+    )
     max_consecutive_skips: int = Field(
         10, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss, an integer >= 1."
     )
+
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "SubZeroConfig":
+        """Settings that cannot go together, each problem naming both keys."""
+        problems = []
+        own_update = {Method.HIZOO: "its own Hessian-scaled ZO-SGD", Method.SPARSE_MEZO: "a mask from the current θ"}
+        if self.method in own_update:
+            name = self.method.value
+            if self.update is not Update.SGD:
+                problems.append(f'`subzero.update` is "{self.update.value}", but `subzero.method` "{name}" updates '
+                                f'with {own_update[self.method]}: set `subzero.update` to "sgd" or use method '
+                                '"subzero"/"mezo".')
+            if self.queries != 1:
+                problems.append(f"`subzero.queries` is {self.queries}, but `subzero.method` \"{name}\" takes one "
+                                'direction per step: set `subzero.queries` to 1 or use method "subzero"/"mezo".')
+            if self.fused:
+                problems.append(f"`subzero.fused` is true, but `subzero.method` \"{name}\" has no fused ± pass (its "
+                                'direction is neither low-rank nor a function of position alone): set `subzero.fused` '
+                                'to false, or use method "subzero"/"mezo".')
+        if "state_on_refresh" in self.model_fields_set and (self.method is not Method.SUBZERO
+                                                            or self.update is Update.SGD):
+            problems.append("`subzero.state_on_refresh` is set, but it applies to `subzero.method` \"subzero\" with "
+                            '`subzero.update` "momentum" or "adam" only (got method '
+                            f'"{self.method.value}", update "{self.update.value}"): remove it.')
+        if problems:
+            raise ValueError(_PROBLEM_SEPARATOR.join(problems))
+        return self
 
 
 # ZeRO stages that need no optimizer: 0 (whole parameters everywhere) and 3 (parameter partitioning).
@@ -168,7 +239,8 @@ def parse_config(ds_config: Mapping[str, Any], source: str = "the DeepSpeed conf
         try:
             settings = SubZeroConfig.model_validate(dict(section))
         except ValidationError as e:
-            problems.extend(_describe(err) for err in e.errors())
+            first_per_key = {err["loc"][:1]: err for err in reversed(e.errors())}  # betas.0 and betas.1: one line
+            problems.extend(_describe(err) for err in reversed(first_per_key.values()))
     problems.extend(_deepspeed_problems(ds_config))
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
@@ -243,9 +315,13 @@ def deepspeed_section(ds_config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ds_config.items() if k != SECTION}
 
 
+_PROBLEM_SEPARATOR = "\n"  # between the problems one validator finds (each becomes a line of the report)
+
+
 def _describe(err: Mapping[str, Any]) -> str:
-    location = ".".join(str(part) for part in err["loc"])
-    key = f"{SECTION}.{location}"
+    if not err["loc"]:  # a check of several settings together (SubZeroConfig._combinations)
+        return err["msg"].removeprefix("Value error, ").replace(_PROBLEM_SEPARATOR, "\n  - ")
+    key = f"{SECTION}.{err['loc'][0]}"
     if err["type"] == "extra_forbidden":
         known = ", ".join(SubZeroConfig.model_fields)
         return f"`{key}` is not a known setting (got {_shown(err['input'])}). Remove it; known settings: {known}."
@@ -305,12 +381,19 @@ def _deepspeed_problems(ds_config: Mapping[str, Any]) -> list[str]:
             "Remove it (use `offload_param` to offload the parameters)."
         )
     accumulation = ds_config.get("gradient_accumulation_steps", 1)
-    if accumulation not in (1, "auto"):
+    if accumulation != "auto" and (not isinstance(accumulation, int) or isinstance(accumulation, bool)
+                                   or accumulation < 1):
         problems.append(
-            f"`gradient_accumulation_steps` is {_shown(accumulation)}; a ZO step uses one micro-batch and "
-            "accumulates nothing. Set it to 1 and raise the micro-batch size instead."
+            f"`gradient_accumulation_steps` is {_shown(accumulation)}: it must be an integer >= 1, the "
+            "micro-batches each rank averages every probe's loss over before one ZO update."
         )
     return problems
+
+
+def accumulation_steps(ds_config: Mapping[str, Any]) -> int:
+    """Micro-batches per ZO step on each rank (DeepSpeed's ``gradient_accumulation_steps``; "auto": 1)."""
+    value = ds_config.get("gradient_accumulation_steps", 1)
+    return 1 if value == "auto" else int(value)
 
 
 def check_offload_paths(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> None:

@@ -19,26 +19,34 @@ from .export import save_hf_weights
 from .fused import FusedPass, half_losses
 from .kernels import GENERATOR
 from .loss import model_loss
+from .methods import Estimator
+from .methods.base import UpdateStep
 from .optimizer import ZOOptimizer
 from .shards import ParamShard
 
 Batch = Mapping[str, Any]
-# Settings a resumed run must share with the checkpoint: they (with the step) define every direction.
-DIRECTION_SETTINGS = ("method", "seed", "rank", "subspace_interval", "reshape")
+# Settings a resumed run must share with the checkpoint: they (with the step) define every direction,
+# or the state the checkpoint holds.
+DIRECTION_SETTINGS = ("method", "seed", "rank", "subspace_interval", "reshape", "queries", "update", "sparsity",
+                      "mask_interval")
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one ZO step measured (losses averaged over data-parallel ranks).
+    """What one ZO step measured (losses averaged over its micro-batches and the data-parallel ranks).
 
     Attributes:
-        step: index of the step just taken (0 for the first).
-        loss_pos: L(θ + εD) on the batch.
-        loss_neg: L(θ − εD) on the batch.
-        projected_grad: g = (loss_pos − loss_neg) / (2ε), the same on every rank.
+        step: index of the step (0 for the first).
+        loss_pos: L(θ + εD) on the batch (the mean over queries).
+        loss_neg: L(θ − εD) on the batch (the mean over queries).
+        projected_grad: g = (loss_pos − loss_neg) / (2ε), the same on every rank (the mean over queries).
         lr: the learning rate the update used.
         skipped: True if a loss was not finite and the weights were left exactly as before.
+        updated: False for a micro-batch before the last of a step (gradient accumulation): its
+            losses are this micro-batch's, on this rank, and nothing was updated yet.
+        projected_grads: g_j of every query.
+        loss_clean: L(θ) when the method probes it (HiZOO), else None.
     """
 
     step: int
@@ -47,6 +55,9 @@ class StepResult:
     projected_grad: float
     lr: float
     skipped: bool = False
+    updated: bool = True
+    projected_grads: tuple[float, ...] = ()
+    loss_clean: float | None = None
 
     @property
     def loss(self) -> float:
@@ -69,15 +80,19 @@ class SubZeroEngine:
     """
 
     def __init__(
-        self, ds_engine: Any, config: SubZeroConfig, optimizer: ZOOptimizer, loss_fn: LossFn | None = None
+        self, ds_engine: Any, config: SubZeroConfig, optimizer: ZOOptimizer, loss_fn: LossFn | None = None,
+        accumulation_steps: int = 1,
     ) -> None:
         self.ds_engine = ds_engine
         self.config = config
         self.optimizer = optimizer
         self.loss_fn = loss_fn or model_loss
         self.fused_pass = FusedPass(self.module, optimizer.shards, optimizer.direction, config.eps) if config.fused else None
+        self.accumulation_steps = accumulation_steps
         self.global_step = 0
         self.consecutive_skips = 0
+        self._micro_batch = 0  # micro-batches of the current step done so far
+        self._loss_sums: list[float] = []  # per probe, summed over those micro-batches
 
     @property
     def module(self) -> nn.Module:
@@ -99,27 +114,53 @@ class SubZeroEngine:
         """Learning rate of the next step."""
         return self.config.lr
 
+    @property
+    def estimator(self) -> Estimator:
+        """Which probes a step takes (the method's estimator)."""
+        return self.optimizer.method.estimator
+
     def step(self, batch: Batch) -> StepResult:
-        """One ZO step on this rank's micro-batch ``batch``: two forward passes and one update.
+        """The method's probes on this rank's micro-batch ``batch``; after the step's last micro-batch
+        (DeepSpeed's ``gradient_accumulation_steps``), the update.
+
+        With k micro-batches per step call this k times; every probe's loss is averaged over them
+        (and over ranks) before the update, so k micro-batches of b rows act as one of k·b.
 
         Returns:
-            The step's :class:`StepResult`. A non-finite loss skips the update (weights unchanged).
+            The :class:`StepResult`. A non-finite loss skips the update (weights unchanged).
         """
-        step, lr, eps = self.global_step, self.lr, self.config.eps
+        step = self.global_step
         batch = to_device(batch, self.device)
-        loss_pos, loss_neg = self._fused_losses(batch, step) if self.fused_pass else self._in_place_losses(batch, step)
+        if self._micro_batch == 0:
+            self.optimizer.direction.begin_step_(step, self.shards)  # collective (S-MeZO's thresholds)
+        losses = self._fused_losses(batch, step) if self.fused_pass else self._in_place_losses(batch, step)
+        self._loss_sums = [a + b for a, b in zip(self._loss_sums, losses)] if self._micro_batch else losses
+        self._micro_batch += 1
+        if self._micro_batch < self.accumulation_steps:
+            return self._result(step, losses, updated=False)
         # Sync point: every rank needs the same g to apply the same update to its shard.
-        loss_pos, loss_neg = mean_over_ranks(loss_pos, loss_neg)
-        projected_grad = (loss_pos - loss_neg) / (2 * eps)
-        skipped = not math.isfinite(projected_grad)
-        if skipped:
-            self._skip_update(step, loss_pos, loss_neg)
+        losses = mean_over_ranks(*(total / self.accumulation_steps for total in self._loss_sums))
+        self._micro_batch, self._loss_sums = 0, []
+        grads = self.estimator.projected_grads(losses, self.config.eps)
+        result = self._result(step, losses, skipped=not all(map(math.isfinite, losses)))
+        if result.skipped:
+            self._skip_update(step, losses)
         else:
             self.consecutive_skips = 0
-            self.optimizer.update_(step, projected_grad, lr)
+            self.optimizer.update_(UpdateStep(step, self.lr, grads, losses, self.config.eps))
         self._release_stale_copies()
         self.global_step += 1
-        return StepResult(step, loss_pos, loss_neg, projected_grad, lr, skipped)
+        return result
+
+    def _result(self, step: int, losses: list[float], updated: bool = True, skipped: bool = False) -> StepResult:
+        """A :class:`StepResult` from the losses of :meth:`Estimator.probes`, in that order."""
+        probes = self.estimator.probes()
+        positive = [loss for probe, loss in zip(probes, losses) if probe.sign > 0]
+        negative = [loss for probe, loss in zip(probes, losses) if probe.sign < 0]
+        clean = next((loss for probe, loss in zip(probes, losses) if probe.sign == 0), None)
+        grads = tuple(self.estimator.projected_grads(losses, self.config.eps))
+        return StepResult(step, sum(positive) / len(positive), sum(negative) / len(negative), sum(grads) / len(grads),
+                          self.lr, skipped, updated, grads, clean)
 
     def save_checkpoint(self, root: str | os.PathLike, extra: Mapping[str, Any] | None = None,
                         keep_last: int | None = None) -> Path:
@@ -133,9 +174,14 @@ class SubZeroEngine:
         Returns:
             The checkpoint directory.
         """
+        if self._micro_batch:
+            raise RuntimeError(f"save_checkpoint after {self._micro_batch} of the step's {self.accumulation_steps} "
+                               "micro-batches: save between steps (after the step's last micro-batch).")
         state = {"seed": self.config.seed, "settings": self.config.model_dump(mode="json"),
-                 "generator": GENERATOR, "consecutive_skips": self.consecutive_skips}
-        return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last)
+                 "generator": GENERATOR, "consecutive_skips": self.consecutive_skips,
+                 "method": self.optimizer.scalars()}
+        return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last,
+                            self.optimizer.state())
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Continue from the checkpoint at ``path`` (a ``checkpoint-<step>`` directory, or a directory of
@@ -168,7 +214,8 @@ class SubZeroEngine:
                 "directions. Resume with the subzero_ds version that wrote it, or export it "
                 "(`subzero-export`) and start a new run from the exported weights."
             )
-        load_sharded(path, self.shards)
+        load_sharded(path, self.shards, self.optimizer.state())
+        self.optimizer.load_scalars_(manifest.state.get("method", {}))
         with torch.no_grad():  # DeepSpeed never re-reads the shard of a parameter it keeps gathered
             for shard in self.shards:
                 gathered = shard.gathered()
@@ -179,31 +226,54 @@ class SubZeroEngine:
         log(f"resumed from {path} at step {manifest.step} (written by {manifest.world_size} ranks)")
         return manifest.extra
 
-    def _in_place_losses(self, batch: Batch, step: int) -> tuple[float, float]:
-        """ℓ+, ℓ− from two forwards with the shards perturbed in place (restored exactly on a skip)."""
-        self.optimizer.save_()
-        self._perturb(step, +1.0)
-        loss_pos = self._loss(batch)
-        self._perturb(step, -1.0)
-        loss_neg = self._loss(batch)
-        return loss_pos, loss_neg
+    def _in_place_losses(self, batch: Batch, step: int) -> list[float]:
+        """Every probe's loss, with the shards perturbed in place (θ from the backup each time).
 
-    def _fused_losses(self, batch: Batch, step: int) -> tuple[float, float]:
-        """ℓ+, ℓ− from one forward over [batch; batch]; the shards are not touched."""
+        The backup is taken at the step's first micro-batch (θ does not change before the update);
+        after a micro-batch that is not the step's last, θ is restored, so the weights are never left
+        perturbed between calls.
+        """
+        if self._micro_batch == 0:
+            self.optimizer.save_()
+        losses, perturbed = [], False
+        for probe in self.estimator.probes():
+            if probe.sign:
+                self._perturb(step, probe.sign, probe.query)
+                perturbed = True
+            elif perturbed:
+                self.optimizer.restore_()
+                self._release_stale_copies()
+            losses.append(self._loss(batch))
+        if self._micro_batch + 1 < self.accumulation_steps:
+            self.optimizer.restore_()
+            self._release_stale_copies()
+        return losses
+
+    def _fused_losses(self, batch: Batch, step: int) -> list[float]:
+        """Every probe's loss: each query's ℓ+, ℓ− from one forward over [batch; batch]; the shards are not touched."""
         self.module.eval()  # dropout off: both halves must see the same function
+        losses = []
         with torch.no_grad():
-            if self.loss_fn is model_loss and self.fused_pass.serves_language_model_loss(batch):
-                return self.fused_pass.language_model_losses(batch, step)  # the LM head in chunks of rows
-            with self.fused_pass.active(step):
-                return half_losses(self.loss_fn, self.module, batch)
+            for probe in self.estimator.probes():
+                if probe.sign == 0:
+                    losses.append(self._loss(batch))
+                elif probe.sign > 0:
+                    if self.loss_fn is model_loss and self.fused_pass.serves_language_model_loss(batch):
+                        losses.extend(self.fused_pass.language_model_losses(batch, step, probe.query))
+                    else:
+                        with self.fused_pass.active(step, query=probe.query):
+                            losses.extend(half_losses(self.loss_fn, self.module, batch))
+        return losses
 
-    def _skip_update(self, step: int, loss_pos: float, loss_neg: float) -> None:
+    def _skip_update(self, step: int, losses: list[float]) -> None:
         """Leave the weights exactly as before this step; stop after too many such steps in a row."""
         if self.optimizer.in_place:
             self.optimizer.restore_()
         self.consecutive_skips += 1
         limit = self.config.max_consecutive_skips
-        log(f"step {step}: non-finite loss (ℓ+={loss_pos}, ℓ−={loss_neg}); update skipped, weights unchanged "
+        shown = ", ".join(f"{'ℓ0' if p.sign == 0 else ('ℓ+' if p.sign > 0 else 'ℓ−')}{p.query if self.estimator.queries > 1 else ''}"
+                          f"={loss}" for p, loss in zip(self.estimator.probes(), losses))
+        log(f"step {step}: non-finite loss ({shown}); update skipped, weights unchanged "
             f"({self.consecutive_skips} in a row, limit {limit})")
         if self.consecutive_skips >= limit:
             raise NonFiniteLossError(
@@ -222,8 +292,8 @@ class SubZeroEngine:
         """Write full Hugging Face weights to ``path`` (gathered; rank 0 writes). Call on every rank."""
         save_hf_weights(self.module, path)
 
-    def _perturb(self, step: int, sign: float) -> None:
-        self.optimizer.perturb_(step, sign)
+    def _perturb(self, step: int, sign: float, query: int = 0) -> None:
+        self.optimizer.perturb_(step, sign, query)
         self._release_stale_copies()
 
     def _loss(self, batch: Batch) -> float:

@@ -114,7 +114,7 @@ class FusedPass:
         return False
 
     @contextlib.contextmanager
-    def active(self, step: int, head_forward: Callable | None = None) -> Iterator[None]:
+    def active(self, step: int, head_forward: Callable | None = None, query: int = 0) -> Iterator[None]:
         """Within this block, forwards over a doubled batch compute θ + εD_step on the first half
         and θ − εD_step on the second. ``head_forward`` replaces the LM head's forward (it applies
         the head's side path itself)."""
@@ -127,10 +127,10 @@ class FusedPass:
                 if head_forward is not None and served.module is self._head:
                     continue
                 if served.side_path:
-                    hook = self._side_path_hook(served, step)
+                    hook = self._side_path_hook(served, step, query)
                     stack.enter_context(served.module.register_forward_hook(hook))
                 else:
-                    stack.enter_context(_replaced_forward(served.module, self._split_forward(served, step)))
+                    stack.enter_context(_replaced_forward(served.module, self._split_forward(served, step, query)))
             if self._split_get_prompt:
                 stack.enter_context(_replaced_forward(self.model, self._split_get_prompt_fn(), "get_prompt"))
             yield
@@ -149,7 +149,7 @@ class FusedPass:
         """Whether :meth:`language_model_losses` can compute this batch's default loss."""
         return self._head is not None and scores_language_model(self.model, batch)
 
-    def language_model_losses(self, batch: Mapping[str, Any], step: int) -> tuple[float, float]:
+    def language_model_losses(self, batch: Mapping[str, Any], step: int, query: int = 0) -> tuple[float, float]:
         """(ℓ+, ℓ−) of the model's own language-model loss from one forward over [B; B].
 
         The LM head computes its logits, adds its side path and scores them a chunk of rows at a
@@ -159,7 +159,7 @@ class FusedPass:
         labels = batch["labels"]
         inputs = {k: _doubled(v) for k, v in batch.items() if k != "labels"}
         head, served = self._head, next((s for s in self.served if s.module is self._head), None)
-        side_path = self._side_path_hook(served, step) if served is not None else None
+        side_path = self._side_path_hook(served, step, query) if served is not None else None
         sums: list[torch.Tensor] = [torch.zeros(()), torch.zeros(())]  # replaced by the device's sums
         scored: list[torch.Tensor] = []
 
@@ -184,7 +184,7 @@ class FusedPass:
             scored.append((targets != IGNORE_INDEX).sum())
             return hidden.new_zeros(*hidden.shape[:-1], 0)  # the model returns these as its logits
 
-        with self.active(step, head_forward):
+        with self.active(step, head_forward, query):
             self.model(**inputs, **no_cache(self.model))
         if len(scored) != 1:
             raise FusedPassError(
@@ -217,7 +217,7 @@ class FusedPass:
             self._sign_cache[key] = _half_signs(inputs.shape[0], self.eps, ndim, module, inputs.device)
         return self._sign_cache[key]
 
-    def _side_path_hook(self, served: _Served, step: int) -> Callable:
+    def _side_path_hook(self, served: _Served, step: int, query: int = 0) -> Callable:
         embedding = isinstance(served.module, nn.Embedding)
         # D's rows index the input features (x·D) for Conv1D and Embedding, its columns for Linear (x·Dᵀ).
         input_rows = embedding or isinstance(served.module, Conv1D)
@@ -230,7 +230,7 @@ class FusedPass:
             """(left fp32, right in the output's dtype): Linear x Dᵀ = ((x V) Cᵀ) Uᵀ, Conv1D x D = ((x U) C) Vᵀ,
             Embedding D[ids] = (U[ids] C) Vᵀ."""
             if (device, dtype) not in factors_on:
-                low: LowRank = self.direction.lowrank(weight.name, weight.shape, step, device)
+                low: LowRank = self.direction.lowrank(weight.name, weight.shape, step, device, query)
                 with full_fp32_matmuls():
                     right = low.core_vt if input_rows else low.core.T @ low.u.T
                 factors_on[device, dtype] = (low.u if input_rows else low.v, right.to(dtype))
@@ -252,19 +252,19 @@ class FusedPass:
                     output.view(-1, output.shape[-1]).addmm_(projected.view(-1, projected.shape[-1]), right)
             if bias is not None:
                 if output.device not in bias_on:
-                    bias_on[output.device] = self.direction.full(bias.name, bias.shape, step, output.device)
+                    bias_on[output.device] = self.direction.full(bias.name, bias.shape, step, output.device, query)
                 output.add_(signs * bias_on[output.device])
             return output
 
         return hook
 
-    def _split_forward(self, served: _Served, step: int) -> Callable:
+    def _split_forward(self, served: _Served, step: int, query: int = 0) -> Callable:
         forward = served.module.forward
 
         def split_forward(*args: Any, **kwargs: Any) -> Any:
             params = {attr: getattr(served.module, attr) for attr in served.params}
             gathered = {attr: p.data for attr, p in params.items()}  # what DeepSpeed gathered; put back after
-            directions = {a: self.direction.full(s.name, s.shape, step, gathered[a].device)
+            directions = {a: self.direction.full(s.name, s.shape, step, gathered[a].device, query)
                           for a, s in served.params.items()}
 
             def run(sign: float, *args: Any, **kwargs: Any) -> Any:

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from .config import ConfigError, Reshape, check_nvme_buffers, check_offload_paths, deepspeed_section, load_ds_config
-from .config import UpdateRounding, parse_config, zero_stage
+from .config import UpdateRounding, accumulation_steps, parse_config, zero_stage
 from .distributed import disagreements, get_world_size_and_rank, init_distributed, log
 from .engine import LossFn, SubZeroEngine
-from .optimizer import ZOOptimizer, make_direction
+from . import methods
+from .optimizer import ZOOptimizer
 from .perturbation import stable_seed
 from .shards import collect_shards, partition_for_nvme
 
@@ -71,6 +72,7 @@ def initialize(
     check_nvme_buffers(ds_config, numels, get_world_size_and_rank()[0], source)
     partition_for_nvme(model, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    accumulation = accumulation_steps(ds_config)
 
     shards = collect_shards(ds_engine.module)
     if not shards:
@@ -84,15 +86,17 @@ def initialize(
             "stochastic rounding is implemented for bf16 (fp32 needs none). Train in bf16 (`\"bf16\": "
             "{\"enabled\": true}`) or set `subzero.update_rounding` to \"nearest\"."
         )
-    optimizer = ZOOptimizer(shards, make_direction(settings, reshape), settings.eps, settings.weight_decay,
-                            in_place=not settings.fused, update_rounding=settings.update_rounding)
+    optimizer = ZOOptimizer(shards, methods.build(settings, reshape), settings.eps, in_place=not settings.fused,
+                            update_rounding=settings.update_rounding)
     trainable = sum(s.numel for s in shards)
     log(
-        f"subzero_ds: {settings.method.value} on {len(shards)} trainable tensors ({trainable:,} elements), "
+        f"subzero_ds: {settings.method.value} ({settings.update.value}, {settings.queries} quer"
+        f"{'y' if settings.queries == 1 else 'ies'}, {accumulation} micro-batch(es) per step) on {len(shards)} "
+        f"trainable tensors ({trainable:,} elements), "
         f"ZeRO stage {zero_stage(ds_config)}, lr={settings.lr:g}, eps={settings.eps:g}, reshape={reshape}, "
         f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}"
     )
-    return SubZeroEngine(ds_engine, settings, optimizer, loss_fn)
+    return SubZeroEngine(ds_engine, settings, optimizer, loss_fn, accumulation_steps=accumulation)
 
 
 def model_fingerprint(model: nn.Module) -> int:

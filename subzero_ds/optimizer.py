@@ -21,19 +21,15 @@ from __future__ import annotations
 import deepspeed
 import torch
 
-from .config import Method, SubZeroConfig, UpdateRounding
-from .methods.base import Direction, LowRank  # noqa: F401 - LowRank: fused.py's import, until it moves
-from .methods.mezo import GaussianDirection
-from .methods.subzero import SubspaceDirection
+from typing import Callable
+
+from .config import UpdateRounding
+from .methods import ZOMethod
+from .methods.base import Direction, LowRank, StateTensor, UpdateStep, WriteRange  # noqa: F401 - LowRank: fused.py's
+from .methods.mezo import GaussianDirection  # noqa: F401 - re-exported for tests, until their imports move
+from .methods.subzero import SubspaceDirection  # noqa: F401
 from .perturbation import key_of
 from .shards import ParamShard, order_before_gathers
-
-
-def make_direction(config: SubZeroConfig, reshape: bool) -> Direction:
-    """The direction generator the config asks for."""
-    if config.method is Method.MEZO:
-        return GaussianDirection(config.seed)
-    return SubspaceDirection(config.seed, config.rank, config.subspace_interval, reshape)
 
 
 class ZOOptimizer:
@@ -41,18 +37,17 @@ class ZOOptimizer:
 
     Args:
         shards: this rank's trainable shards.
-        direction: the ZO method's direction generator.
+        method: the ZO method: its direction, estimator and update rule.
         eps: perturbation scale ε.
-        weight_decay: λ, applied to matrices only.
         in_place: True to perturb the shards themselves (keeps a backup for exact restore); False for
             the fused ± pass, where only :meth:`update_` writes and no backup is needed.
         update_rounding: how a bf16 parameter takes its update (stochastic: seeded by position).
     """
 
-    def __init__(self, shards: list[ParamShard], direction: Direction, eps: float, weight_decay: float,
-                 in_place: bool = True, update_rounding: UpdateRounding = UpdateRounding.NEAREST) -> None:
-        self.shards, self.direction = shards, direction
-        self.eps, self.weight_decay = eps, weight_decay
+    def __init__(self, shards: list[ParamShard], method: ZOMethod, eps: float, in_place: bool = True,
+                 update_rounding: UpdateRounding = UpdateRounding.NEAREST) -> None:
+        self.shards, self.method = shards, method
+        self.eps = eps
         self.in_place = in_place
         self.update_rounding = update_rounding
         # On the shard's own device; sized from the partition size (an NVMe-swapped shard's local() is not readable here).
@@ -60,6 +55,14 @@ class ZOOptimizer:
                          for shard in shards]
         self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
         self._full_backups: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
+        self.targets = [write_range(shard) for shard in shards]
+        method.direction.allocate_(self.targets)
+        method.update.allocate_(self.targets)
+
+    @property
+    def direction(self) -> Direction:
+        """The method's direction generator."""
+        return self.method.direction
 
     def save_(self) -> None:
         """Copy the current shards into the backup (the θ every later write starts from).
@@ -84,9 +87,15 @@ class ZOOptimizer:
             return False  # update_ writes every gathered copy from itself
         return any(s.gathered() is not None and i not in self._full_backups for i, s in enumerate(self.shards))
 
-    def perturb_(self, step: int, sign: float) -> None:
-        """Set each shard to θ + sign·ε·D_step (θ from the backup, so signs can be taken in any order)."""
-        self._write_(step, lambda shard: (1.0, sign * self.eps, None))
+    def perturb_(self, step: int, sign: float, query: int = 0) -> None:
+        """Set each shard to θ + sign·ε·D_{step,query} (θ from the backup, so probes can run in any order)."""
+        direction = self.method.direction
+
+        def perturb(target: WriteRange, out: torch.Tensor, src: torch.Tensor, start: int) -> None:
+            direction.apply_(out, src, target.name, target.shape, step, start, beta=1.0, alpha=sign * self.eps,
+                             query=query)
+
+        self._write_(perturb)
 
     def restore_(self) -> None:
         """Put back exactly the θ saved by :meth:`save_`."""
@@ -100,43 +109,62 @@ class ZOOptimizer:
                     gathered.copy_(backup)
         order_before_gathers(self.shards)
 
-    def update_(self, step: int, projected_grad: float, lr: float) -> None:
-        """θ ← θ − lr·(g·D_step + λ·θ), from the backup (in-place mode) or the shard itself (fused)."""
+    def update_(self, update: UpdateStep) -> None:
+        """θ ← the method's update rule applied to θ (from the backup in in-place mode, the shard itself when fused)."""
+        rule = self.method.update
 
-        def sgd(shard: ParamShard) -> tuple[float, float, tuple[int, int] | None]:
-            decay = self.weight_decay if shard.is_matrix else 0.0
-            return 1.0 - lr * decay, -lr * projected_grad, self._rounding_key(shard, step)
+        def apply_update(target: WriteRange, out: torch.Tensor, src: torch.Tensor, start: int) -> None:
+            rule.write_(target, out, src, start, update, self._rounding_key(target, update.step))
 
-        self._write_(step, sgd)
+        self._write_(apply_update)
+        rule.end_()
 
-    def _rounding_key(self, shard: ParamShard, step: int) -> tuple[int, int] | None:
+    def state(self) -> list[StateTensor]:
+        """The method's state tensors (direction and update rule), for checkpoints."""
+        return [*self.method.direction.state(), *self.method.update.state()]
+
+    def scalars(self) -> dict:
+        """The method's JSON-serializable state, the same on every rank."""
+        return {"direction": self.method.direction.scalars(), "update": self.method.update.scalars()}
+
+    def load_scalars_(self, values: dict) -> None:
+        """Restore what :meth:`scalars` returned."""
+        self.method.direction.load_scalars_(values.get("direction", {}))
+        self.method.update.load_scalars_(values.get("update", {}))
+
+    def _rounding_key(self, target: WriteRange, step: int) -> tuple[int, int] | None:
         """Random bits for stochastic rounding of this update (bf16 only; fp32 rounds exactly enough)."""
-        if self.update_rounding is UpdateRounding.STOCHASTIC and shard.dtype == torch.bfloat16:
-            return key_of(self.direction.seed, "update rounding", step, shard.name, shard.shape)
+        if self.update_rounding is UpdateRounding.STOCHASTIC and target.dtype == torch.bfloat16:
+            return key_of(self.direction.seed, "update rounding", step, target.name, target.shape)
         return None
 
-    def _write_(self, step: int, coefficients) -> None:
-        """Each shard ← round(beta·θ + alpha·D_step), (beta, alpha, rounding key) = ``coefficients(shard)``.
+    def _write_(self, writer: Callable[[WriteRange, torch.Tensor, torch.Tensor, int], None]) -> None:
+        """Each shard ← ``writer(target, out, src, start)``: θ read from ``src``, written to ``out``.
 
         θ is the backup in in-place mode, the shard itself otherwise. A persistent parameter is
         computed once, whole, into its gathered copy, and its owned range copied into the shard:
         the two stay bit-identical however their devices compute.
         """
         with torch.no_grad():
-            for index, (shard, backup) in enumerate(zip(self.shards, self._backups)):
-                beta, alpha, rounding_key = coefficients(shard)
+            for index, (shard, backup, target) in enumerate(zip(self.shards, self._backups, self.targets)):
                 with shard.swapped_in() as local:  # an NVMe shard is written back on exit
                     gathered = shard.gathered()
                     source = gathered if not self.in_place else self._full_backups.get(index)
                     if gathered is not None and source is not None:
-                        self.direction.apply_(gathered, source, shard.name, shard.shape, step, 0, beta, alpha,
-                                              rounding_key)
+                        writer(target, gathered, source, 0)
                         if not _same_storage(gathered, local):
                             local.copy_(gathered.narrow(0, shard.start, shard.local_numel))
                     else:
-                        self.direction.apply_(local, local if backup is None else backup, shard.name, shard.shape,
-                                              step, shard.start, beta, alpha, rounding_key)
+                        writer(target, local, local if backup is None else backup, shard.start)
         order_before_gathers(self.shards)
+
+
+def write_range(shard: ParamShard) -> WriteRange:
+    """Where the optimizer writes ``shard``'s parameter: the whole of a persistent one (into its gathered
+    copy, on the parameter's device), else this rank's range on the shard's device."""
+    if shard.is_persistent:
+        return WriteRange(shard.name, shard.shape, 0, shard.numel, shard.param.device, shard.is_matrix, shard.dtype)
+    return WriteRange(shard.name, shard.shape, shard.start, shard.end, shard.device, shard.is_matrix, shard.dtype)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,39 +26,64 @@ from ..perturbation import key_of
 RoundingKey = tuple[int, int] | None
 
 
+def query_fields(query: int) -> tuple:
+    """What a query index adds to a direction's key: nothing for the first (q = 1 draws as before)."""
+    return ("query", query) if query else ()
+
+
 class Direction(ABC):
-    """How a ZO method draws D_t; a pure function of (seed, step, name, shape, position)."""
+    """How a ZO method draws D_{t,j} (step t, query j); a pure function of (seed, t, j, name, shape, position)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     @abstractmethod
     def apply_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int, start: int,
-               beta: float, alpha: float, rounding_key: RoundingKey = None) -> None:
-        """``out = round(beta·src + alpha·D_step[start : start + len(out)])`` for parameter ``name``.
+               beta: float, alpha: float, rounding_key: RoundingKey = None, query: int = 0) -> None:
+        """``out = round(beta·src + alpha·D_{step,query}[start : start + len(out)])`` for parameter ``name``.
 
         ``out`` and ``src`` are 1-D, of one dtype and device (``out`` may be ``src``); the direction
         is computed on that device, in fp32.
         """
 
     def apply_gaussian_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
-                        start: int, beta: float, alpha: float, rounding_key: RoundingKey = None) -> None:
+                        start: int, beta: float, alpha: float, rounding_key: RoundingKey = None,
+                        query: int = 0) -> None:
         """:meth:`apply_` with the i.i.d. N(0, 1) direction of ``name``."""
-        key = key_of(self.seed, "gaussian", step, name, shape)
+        key = key_of(self.seed, "gaussian", step, name, shape, *query_fields(query))
         kernels.apply_(out, src, beta=beta, alpha=alpha, key=key, offset=start, rounding_key=rounding_key)
 
-    def full(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The whole fp32 D_step of ``name`` in its own shape, on ``device`` (the values of every slice)."""
+    def full(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu",
+             query: int = 0) -> torch.Tensor:
+        """The whole fp32 D_{step,query} of ``name`` in its own shape, on ``device`` (the values of every slice)."""
         out = torch.empty(math.prod(shape), dtype=torch.float32, device=device)
-        self.apply_(out, out, name, shape, step, 0, beta=0.0, alpha=1.0)
+        self.apply_(out, out, name, shape, step, 0, beta=0.0, alpha=1.0, query=query)
         return out.view(shape)
 
     def has_lowrank(self, shape: tuple[int, ...]) -> bool:
         """Whether :meth:`lowrank` gives factors for a parameter of this shape."""
         return False
 
-    def lowrank(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu") -> LowRank:
-        """D_step as factors μ·U·Z·Vᵀ in the parameter's own shape, on ``device`` (only where :meth:`has_lowrank`)."""
+    def allocate_(self, ranges: list[WriteRange]) -> None:
+        """Create per-parameter state over these write ranges (directions that keep some)."""
+
+    def begin_step_(self, step: int, shards: list[Any]) -> None:
+        """Work before a step's first probe (collective: every rank calls it for the same step)."""
+
+    def state(self) -> list[StateTensor]:
+        """The direction's own state tensors (checkpoints save them and load into them)."""
+        return []
+
+    def scalars(self) -> dict[str, Any]:
+        """The JSON-serializable rest of its state, the same on every rank."""
+        return {}
+
+    def load_scalars_(self, values: dict[str, Any]) -> None:
+        """Restore what :meth:`scalars` returned."""
+
+    def lowrank(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu",
+                query: int = 0) -> LowRank:
+        """D_{step,query} as factors μ·U·Z·Vᵀ in the parameter's own shape, on ``device`` (only where :meth:`has_lowrank`)."""
         raise ValueError(f"{type(self).__name__} has no low-rank factors for {name} {shape}")
 
 
@@ -80,3 +106,110 @@ class LowRank:
         return self.vt.T
 
 
+
+
+@dataclass(frozen=True)
+class UpdateStep:
+    """What a step's probes measured, as an update rule needs it (the same on every rank).
+
+    Attributes:
+        step: the step index t.
+        lr: η for this step.
+        grads: g_j per query.
+        losses: every probe's loss, averaged over micro-batches and ranks, in the estimator's order.
+        eps: ε.
+    """
+
+    step: int
+    lr: float
+    grads: list[float]
+    losses: list[float]
+    eps: float
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One tensor of an update rule's (or direction's) state, for checkpoints.
+
+    Attributes:
+        name: ``<parameter>::<kind>``, unique in the model.
+        tensor: this rank's values: a parameter-sized state covers the flat range
+            [offset, offset + numel) of the parameter; a replicated one (SubZero's r×r
+            coordinates) is whole on every rank (offset 0).
+        shape: the full shape (the parameter's, or r×r).
+        offset: the parameter position of ``tensor[0]``.
+        replicated: whether every rank holds the whole tensor.
+    """
+
+    name: str
+    tensor: torch.Tensor
+    shape: tuple[int, ...]
+    offset: int = 0
+    replicated: bool = False
+
+
+class WriteRange:
+    """Where a parameter's writes land on this rank: its owned range, or the whole parameter when
+    ZeRO-3 keeps it gathered (the optimizer then computes the whole and copies its range into the
+    shard). A parameter-sized state covers exactly this range."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], start: int, end: int, device: torch.device,
+                 is_matrix: bool, dtype: torch.dtype = torch.float32) -> None:
+        self.name, self.shape, self.start, self.end, self.device = name, shape, start, end, device
+        self.is_matrix, self.dtype = is_matrix, dtype
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def zeros(self) -> torch.Tensor:
+        """An fp32 state tensor for this range, zero."""
+        return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+
+
+class UpdateRule(ABC):
+    """How the step's g_j·D_{t,j} become Δθ, and the state that takes (ZO-SGD keeps none).
+
+    Args:
+        direction: the method's direction generator.
+        weight_decay: λ, on matrices only (never biases or norms).
+        queries: q, the directions of each step; the update uses their mean.
+    """
+
+    def __init__(self, direction: Direction, weight_decay: float, queries: int = 1) -> None:
+        self.direction, self.weight_decay, self.queries = direction, weight_decay, queries
+
+    def allocate_(self, ranges: list[WriteRange]) -> None:
+        """Create the state for these parameters (called once, before the first step)."""
+
+    @abstractmethod
+    def write_(self, target: WriteRange, out: torch.Tensor, src: torch.Tensor, start: int, update: UpdateStep,
+               rounding_key: RoundingKey) -> None:
+        """``out`` ← the updated θ for the flat range [start, start + len(out)) of ``target``'s
+        parameter, θ read from ``src`` (``out`` may be ``src``). Called once per parameter per step."""
+
+    def end_(self) -> None:
+        """Called once after every parameter of a step was written (per-step counters advance here)."""
+
+    def state(self) -> list[StateTensor]:
+        """Every state tensor (checkpoints save them and load into them)."""
+        return []
+
+    def scalars(self) -> dict[str, Any]:
+        """The JSON-serializable rest of the state (counters, windows), the same on every rank."""
+        return {}
+
+    def load_scalars_(self, values: dict[str, Any]) -> None:
+        """Restore what :meth:`scalars` returned."""
+
+    def decay(self, target: WriteRange, lr: float) -> float:
+        """The factor 1 − ηλ the update keeps of θ (1 for biases and norms)."""
+        return 1.0 - lr * (self.weight_decay if target.is_matrix else 0.0)
+
+    def mean_direction_(self, out: torch.Tensor, target: WriteRange, start: int, update: UpdateStep,
+                        beta: float = 0.0) -> torch.Tensor:
+        """``out`` (fp32) ← beta·out + (1/q)·Σ_j g_j·D_{t,j} over [start, start + len(out))."""
+        for query, grad in enumerate(update.grads):
+            self.direction.apply_(out, out, target.name, target.shape, update.step, start,
+                                  beta=beta if query == 0 else 1.0, alpha=grad / self.queries, query=query)
+        return out

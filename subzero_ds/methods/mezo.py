@@ -8,5 +8,5 @@ from .base import Direction
 class GaussianDirection(Direction):
     """MeZO: every element an independent N(0, 1)."""
 
-    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None):
-        self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key)
+    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None, query=0):
+        self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key, query)

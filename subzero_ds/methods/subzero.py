@@ -8,7 +8,7 @@ import torch
 
 from .. import kernels
 from ..perturbation import Subspace, draw_core, draw_subspace, near_square_shape
-from .base import Direction, LowRank
+from .base import Direction, LowRank, query_fields
 
 
 class SubspaceDirection(Direction):
@@ -27,8 +27,8 @@ class SubspaceDirection(Direction):
         super().__init__(seed)
         self.rank, self.interval, self.reshape = rank, interval, reshape
         self._cache: dict[str, tuple[int, Subspace]] = {}  # name -> (window, subspace)
-        # (name, device) -> (step, factors): a step's passes (perturb ±, update) share one μZ·Vᵀ.
-        self._factors_of_step: dict[tuple[str, torch.device], tuple[int, LowRank]] = {}
+        # (name, device) -> ((step, query), factors): a step's passes (perturb ±, update) share one μZ·Vᵀ.
+        self._factors_of_step: dict[tuple[str, torch.device], tuple[tuple[int, int], LowRank]] = {}
 
     def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """The m×n the subspace is built for: the matrix itself, or its near-square view."""
@@ -39,38 +39,115 @@ class SubspaceDirection(Direction):
         window = step // self.interval
         cached = self._cache.get(name)
         if cached is None or cached[0] != window:
-            rows, cols = self.matrix_shape(shape)
-            rank = min(self.rank, rows, cols)
-            key = (self.seed, "subspace", window, name, shape, rows, cols, rank)
-            cached = (window, draw_subspace(key, rows, cols, rank))
+            cached = (window, self.draw_window(name, shape, window))
             self._cache[name] = cached
         return cached[1]
 
-    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None):
+    def draw_window(self, name: str, shape: tuple[int, ...], window: int) -> Subspace:
+        """U, V of ``name`` for ``window`` (the cached one if current, else drawn again, not cached)."""
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] == window:
+            return cached[1]
+        rows, cols = self.matrix_shape(shape)
+        rank = min(self.rank, rows, cols)
+        return draw_subspace((self.seed, "subspace", window, name, shape, rows, cols, rank), rows, cols, rank)
+
+    def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None, query=0):
         if len(shape) != 2:
-            return self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key)
-        factors = self._factors(name, shape, step, out.device)
+            return self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key, query)
+        factors = self._factors(name, shape, step, out.device, query)
         kernels.apply_(out, src, beta=beta, alpha=alpha, offset=start, lowrank=(factors.u, factors.core_vt),
                        rounding_key=rounding_key)
+
+    def apply_coordinates_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
+                           start: int, coordinates: torch.Tensor, beta: float, alpha: float,
+                           rounding_key: tuple[int, int] | None = None) -> None:
+        """:meth:`apply_` with μ·U·C·Vᵀ for given r×r subspace coordinates C (fp32, ``out``'s device) in
+        place of Z: how a subspace update rule (momentum, Adam) writes its step."""
+        u, vt = self.subspace(name, shape, step).on(out.device)
+        core_vt = kernels.lowrank_core((coordinates * self.scale(shape, u.shape[1])).contiguous(), vt)
+        kernels.apply_(out, src, beta=beta, alpha=alpha, offset=start, lowrank=(u, core_vt), rounding_key=rounding_key)
+
+    def z(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu",
+          query: int = 0) -> torch.Tensor:
+        """Z_{step,query} (r×r, N(0, 1), unscaled): the direction's coordinates in the window's subspace."""
+        rank = self.subspace(name, shape, step).u.shape[1]
+        return draw_core((self.seed, "core", step, name, shape, *query_fields(query)), rank, device)
+
+    @staticmethod
+    def scale(shape: tuple[int, ...], rank: int) -> float:
+        """μ = sqrt(m·n) / r: E‖D‖² = m·n, as for a full Gaussian (MeZO's (η, ε) carry over)."""
+        return math.sqrt(math.prod(shape)) / rank
 
     def has_lowrank(self, shape):
         return len(shape) == 2 and self.matrix_shape(shape) == tuple(shape)  # reshaped: low-rank only in its view
 
-    def lowrank(self, name, shape, step, device="cpu"):
+    def lowrank(self, name, shape, step, device="cpu", query=0):
         if not self.has_lowrank(shape):
-            return super().lowrank(name, shape, step, device)
-        return self._factors(name, shape, step, device)
+            return super().lowrank(name, shape, step, device, query)
+        return self._factors(name, shape, step, device, query)
 
-    def _factors(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str) -> LowRank:
-        """U, μ·Z_step, Vᵀ and μ·Z_step·Vᵀ of ``name`` in its (possibly reshaped) matrix shape, on ``device``."""
+    def _factors(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str,
+                 query: int = 0) -> LowRank:
+        """U, μ·Z, Vᵀ and μ·Z·Vᵀ of ``name`` for (step, query) in its (possibly reshaped) matrix shape, on ``device``."""
         device = torch.device(device)
         cached = self._factors_of_step.get((name, device))
-        if cached is not None and cached[0] == step:
+        if cached is not None and cached[0] == (step, query):
             return cached[1]
         u, vt = self.subspace(name, shape, step).on(device)
-        rank = u.shape[1]
-        core = draw_core((self.seed, "core", step, name, shape), rank, device)
-        core.mul_(math.sqrt(math.prod(shape)) / rank)  # μ: E‖D‖² = m·n, as for a full Gaussian
+        core = self.z(name, shape, step, device, query).mul_(self.scale(shape, u.shape[1]))
         factors = LowRank(u=u, core=core, vt=vt, core_vt=kernels.lowrank_core(core, vt))
-        self._factors_of_step[name, device] = (step, factors)
+        self._factors_of_step[name, device] = ((step, query), factors)
         return factors
+
+
+class SubspaceState:
+    """A matrix's update-rule state in SubZero's subspace coordinates: r×r tensors instead of m×n.
+
+    The projected step of a query is g·Z (r×r); momentum and Adam keep their moments of it here and
+    write μ·U·(…)·Vᵀ. When the window's U, V are redrawn the state is reset to zero, or carried over
+    into the new subspace (``project``): M ← (U_newᵀ U_old) M (V_oldᵀ V_new), and second moments with
+    the squared (elementwise) rotations, which keeps them non-negative.
+
+    Args:
+        direction: the SubZero direction whose subspace the coordinates refer to.
+        name, shape: the matrix.
+        kinds: the state tensors kept ("momentum"; "m", "v").
+        project: carry over at a refresh instead of resetting.
+        device: where the coordinates live (the shard's device).
+    """
+
+    def __init__(self, direction: SubspaceDirection, name: str, shape: tuple[int, ...], kinds: tuple[str, ...],
+                 project: bool, device: torch.device) -> None:
+        self.direction, self.name, self.shape, self.project = direction, name, shape, project
+        rank = direction.subspace(name, shape, 0).u.shape[1]
+        self.tensors = {kind: torch.zeros(rank, rank, dtype=torch.float32, device=device) for kind in kinds}
+        self.window: int | None = None  # the window the coordinates refer to
+        self.updates = 0  # updates since the last reset (Adam's bias correction)
+
+    def coordinates(self, step: int, query: int = 0) -> torch.Tensor:
+        """Z_{step,query} on the state's device."""
+        device = next(iter(self.tensors.values())).device
+        return self.direction.z(self.name, self.shape, step, device, query)
+
+    def enter_window_(self, step: int) -> None:
+        """Bring the state into the subspace of ``step``'s window (reset or project), once per window."""
+        window = step // self.direction.interval
+        if self.window is not None and self.window != window:
+            if self.project:
+                self._project_(self.window, window)
+            else:
+                for tensor in self.tensors.values():
+                    tensor.zero_()
+                self.updates = 0
+        self.window = window
+
+    def _project_(self, old: int, new: int) -> None:
+        before = self.direction.draw_window(self.name, self.shape, old)
+        after = self.direction.draw_window(self.name, self.shape, new)
+        # fp64 on the host, the same on every rank; then to the state's device.
+        left = (after.u.double().T @ before.u.double()).float()
+        right = (before.vt.double() @ after.vt.double().T).float()
+        for kind, tensor in self.tensors.items():
+            p, q = (left, right) if kind != "v" else (left.square(), right.square())
+            tensor.copy_(p.to(tensor.device) @ tensor @ q.to(tensor.device))

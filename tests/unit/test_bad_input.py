@@ -40,7 +40,6 @@ def is_number(value) -> bool:
 
 # key -> (is the value acceptable?) for every setting of the "subzero" section.
 ACCEPTS = {
-    "method": lambda v: v in ("subzero", "mezo"),
     "reshape": lambda v: v in ("auto", "always", "never"),
     "update_rounding": lambda v: v in ("nearest", "stochastic"),
     "lr": lambda v: is_number(v) and math.isfinite(v) and v >= 0,
@@ -51,7 +50,27 @@ ACCEPTS = {
     "max_consecutive_skips": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
     "fused": lambda v: isinstance(v, bool),
+    "method": lambda v: v in ("subzero", "mezo", "hizoo", "sparse_mezo"),
+    "update": lambda v: v in ("sgd", "momentum", "adam"),
+    "queries": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "momentum": lambda v: is_number(v) and math.isfinite(v) and 0 <= v < 1,
+    "betas": lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(b) and math.isfinite(b) and 0 <= b < 1
+                                                                    for b in v),
+    "adam_eps": lambda v: is_number(v) and math.isfinite(v) and v > 0,
+    "state_on_refresh": lambda v: v in ("reset", "project"),
+    "hessian_smooth": lambda v: is_number(v) and math.isfinite(v) and 0 <= v <= 1,
+    "sparsity": lambda v: is_number(v) and math.isfinite(v) and 0 < v < 1,
+    "mask_interval": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
 }
+
+
+def conflicts(section: dict) -> bool:
+    """Whether valid settings still cannot combine (SubZeroConfig's combination rules, restated)."""
+    method, update = section.get("method", "subzero"), section.get("update", "sgd")
+    if method in ("hizoo", "sparse_mezo") and (update != "sgd" or section.get("queries", 1) != 1
+                                               or section.get("fused", False)):
+        return True
+    return "state_on_refresh" in section and (method != "subzero" or update == "sgd")
 
 
 def test_the_property_table_covers_every_setting():
@@ -84,7 +103,11 @@ def test_a_bad_setting_is_named_with_its_value_and_what_it_expects(setting):
 def test_valid_settings_parse_and_each_bad_one_is_listed_once(section):
     bad = sorted(k for k, v in section.items() if not ACCEPTS[k](v))
     if not bad:
-        parse_config({"subzero": section})
+        if conflicts(section):  # named by test_methods.py's combination test
+            with pytest.raises(ConfigError):
+                parse_config({"subzero": section})
+        else:
+            parse_config({"subzero": section})
         return
     with pytest.raises(ConfigError) as caught:
         parse_config({"subzero": section})

@@ -51,7 +51,8 @@ def test_wrong_types_and_ranges_are_rejected(section, key):
 
 @pytest.mark.parametrize("extra,fragment", [
     ({"scheduler": {"type": "WarmupLR"}}, "`scheduler`"),
-    ({"gradient_accumulation_steps": 4}, "`gradient_accumulation_steps`"),
+    ({"gradient_accumulation_steps": 0}, "`gradient_accumulation_steps`"),
+    ({"gradient_accumulation_steps": "4"}, "`gradient_accumulation_steps`"),
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
     ({"zero_optimization": {"stage": 0, "offload_param": {"device": "cpu"}}}, "offload_param"),
     ({"subzero": [1, 2]}, "`subzero` must be a JSON object"),
