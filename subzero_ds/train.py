@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -36,7 +37,8 @@ from subzero_ds.config import (ConfigError, check_deepspeed_accepts, deepspeed_s
 from subzero_ds.data import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
 from subzero_ds.distributed import (barrier, disagreements, exit_process, get_world_size_and_rank, init_distributed,
                                     is_local_main_process, is_main_process, log)
-from subzero_ds.engine import NonFiniteLossError
+from subzero_ds.engine import NonFiniteLossError, StepResult
+from subzero_ds.first_order import OPTIMIZER_TYPES, FirstOrderEngine, FirstOrderResult, first_order_config
 from subzero_ds.evaluation import evaluate_task
 from subzero_ds.perturbation import stable_seed
 from subzero_ds.tasks import TASK_NAMES, DataError, Sample, TaskKind, find_local_file, get_task, load_samples
@@ -106,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_virtual_tokens", type=int, default=None, help="Prefix/prompt length (default 5 / 10).")
     p.add_argument("--merge_adapter", action="store_true",
                    help="Also write final/merged/: the base model with the adapter merged in (loads the base whole on rank 0).")
+    p.add_argument("--optimizer", choices=["zo", *OPTIMIZER_TYPES], default="zo",
+                   help="zo: the \"subzero\" section's ZO method (default); adamw/sgd: a first-order baseline, plain "
+                        "DeepSpeed training with DeepSpeed's optimizer (the JSON's \"optimizer\" block, or one built "
+                        "from --learning_rate), with the same data, evaluation and outputs.")
+    p.add_argument("--learning_rate", type=float, default=1e-5,
+                   help="First-order baselines without an \"optimizer\" block: its learning rate.")
     p.add_argument("--output_dir", type=Path, default=Path("outputs"), help="Where metrics, eval results and final/ go.")
     p.add_argument("--seed", type=int, default=0, help="Data sampling and order seed (the ZO seed is subzero.seed).")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -143,8 +151,15 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("; ".join(problems) + ".")
     source = repr(str(args.deepspeed_config)) if args.deepspeed_config else "the built-in default config"
     ds_config = load_ds_config(args.deepspeed_config or DEFAULT_CONFIG)
+    first_order = args.optimizer != "zo"
+    if first_order and (args.save_steps or args.resume):
+        raise UsageError(f"--save_steps and --resume checkpoint ZO runs; a first-order baseline (--optimizer "
+                         f"{args.optimizer}) runs from start to end: leave them out")
+    if first_order and not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise UsageError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
     reports = []
-    for check in (parse_config, check_deepspeed_accepts):  # our section and DeepSpeed's, reported together
+    checks = (check_deepspeed_accepts,) if first_order else (parse_config, check_deepspeed_accepts)
+    for check in checks:  # our section and DeepSpeed's, reported together
         try:
             check(ds_config, source)
         except ConfigError as error:
@@ -309,7 +324,11 @@ class TaskBatches:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     config_source = args.deepspeed_config or DEFAULT_CONFIG
     ds_config = load_ds_config(config_source)
-    parse_config(ds_config, repr(args.deepspeed_config or "the built-in default config"))  # fail before any loading
+    first_order = args.optimizer != "zo"
+    if first_order:
+        ds_config = first_order_config(ds_config, args.optimizer, args.learning_rate, 0.0)
+    else:
+        parse_config(ds_config, repr(args.deepspeed_config or "the built-in default config"))  # fail before any loading
     task = get_task(args.task, **({"label_words": args.label_words} if args.label_words else {}))
 
     init_distributed()
@@ -339,12 +358,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     options = AdapterOptions(lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
                              lora_target_modules=tuple(args.lora_target_modules), num_virtual_tokens=args.num_virtual_tokens)
     model = add_adapter(model, Tuning(args.tuning), options, masked_lm=masked_lm)
-    engine = subzero_ds.initialize(model=model, config=config_source, loss_fn=loss_fn)
-    del hf_zero3
     per_device = args.per_device_batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
-    batches = TaskBatches(train_samples, per_device * world_size, args.seed)
+    if first_order:
+        engine = FirstOrderEngine(model, {**ds_config, "train_micro_batch_size_per_gpu": per_device}, loss_fn)
+    else:
+        engine = subzero_ds.initialize(model=model, config=config_source, loss_fn=loss_fn)
+    del hf_zero3
+    micro_batches = engine.accumulation_steps
+    global_batch = per_device * micro_batches * world_size
+    batches = TaskBatches(train_samples, global_batch, args.seed)
     data = {"data_fingerprint": data_fingerprint(train_samples), "data_seed": args.seed,
-            "global_batch": per_device * world_size}
+            "global_batch": global_batch}
     differing = disagreements({"training data": data["data_fingerprint"]})
     if differing:
         raise DataError("ranks disagree on the training data (different files or --seed/--num_train per rank): "
@@ -360,7 +384,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              device=engine.device)
 
     log(f"task {task.name}: {len(train_samples)} train, {len(dev_samples)} dev, {len(eval_samples)} eval examples; "
-        f"{world_size} rank(s) x {per_device} per step")
+        f"{world_size} rank(s) x {micro_batches} micro-batch(es) x {per_device} per step")
     if resumed is None:
         zero_shot = evaluate(eval_samples)
         metrics.write({"step": 0, **{f"eval_{k}": v for k, v in zero_shot.items()}})
@@ -371,21 +395,26 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     saved_state = {**data, "zero_shot": zero_shot, "model_name_or_path": model_path, "tuning": args.tuning,
                    "adapter": asdict(options), "masked_lm": masked_lm}
 
-    progress = tqdm(total=args.max_steps, initial=first_step - 1, desc="ZO steps", disable=rank != 0, dynamic_ncols=True)
+    kind = f"first-order ({args.optimizer})" if first_order else "ZO"
+    progress = tqdm(total=args.max_steps, initial=first_step - 1, desc=f"{kind} steps", disable=rank != 0,
+                    dynamic_ncols=True)
+    # Forward passes per micro-batch and step: the method's probes (a first-order step: 1 forward + its backward).
+    forwards = 1 if first_order else len(engine.estimator.probes())
     started = time.perf_counter()
     window_start, window_tokens = started, 0
     for step in range(first_step, args.max_steps + 1):
-        samples = batches.at(step - 1)[rank * per_device : (rank + 1) * per_device]
-        batch = make_batch(samples, encoder)
-        result = engine.step(batch)
-        window_tokens += 2 * int(batch["attention_mask"].sum()) * world_size  # two forwards; ranks see equal shares
+        step_samples = batches.at(step - 1)
+        for micro in range(micro_batches):  # micro-batch `micro` of rank r: a fixed share of the global batch
+            first = (micro * world_size + rank) * per_device
+            batch = make_batch(step_samples[first : first + per_device], encoder)
+            result = engine.step(batch)
+            window_tokens += forwards * int(batch["attention_mask"].sum()) * world_size  # ranks see equal shares
         progress.update(1)
         if step % args.log_steps == 0 or step == args.max_steps:
             now = time.perf_counter()
             seconds = (now - window_start) / ((step - 1) % args.log_steps + 1)
-            row = {"step": step, "loss": result.loss, "loss_pos": result.loss_pos, "loss_neg": result.loss_neg,
-                   "projected_grad": result.projected_grad, "lr": result.lr, "skipped": result.skipped,
-                   "seconds_per_step": seconds, "tokens_per_second": window_tokens / (now - window_start)}
+            row = {"step": step, **metrics_of(result), "seconds_per_step": seconds,
+                   "tokens_per_second": window_tokens / (now - window_start)}
             metrics.write(row)
             progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             window_start, window_tokens = now, 0
@@ -405,7 +434,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         merge_adapter(model_path, args.output_dir / "final", args.output_dir / "final" / "merged")
         if is_main_process():
             tokenizer.save_pretrained(args.output_dir / "final" / "merged")
-    results = {"task": task.name, "model": args.model_name_or_path, "world_size": world_size,
+    results = {"task": task.name, "model": args.model_name_or_path, "world_size": world_size, "optimizer": kind,
                "steps": args.max_steps, "num_eval": len(eval_samples), "zero_shot": zero_shot, "final": final,
                "train_seconds": train_seconds, "trained_steps": trained_steps}
     if is_main_process():
@@ -413,6 +442,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         (args.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
     _print_summary(results, task.metric)
     return results
+
+
+def metrics_of(result: StepResult | FirstOrderResult) -> dict[str, Any]:
+    """The metrics.jsonl fields of a step's result (ZO: both probes and g; first-order: the loss)."""
+    if isinstance(result, FirstOrderResult):
+        return {"loss": result.loss, "lr": result.lr}
+    row = {"loss": result.loss, "loss_pos": result.loss_pos, "loss_neg": result.loss_neg,
+           "projected_grad": result.projected_grad, "lr": result.lr, "skipped": result.skipped}
+    if result.loss_clean is not None:
+        row["loss_clean"] = result.loss_clean
+    if len(result.projected_grads) > 1:
+        row["projected_grads"] = list(result.projected_grads)
+    return row
 
 
 def data_fingerprint(samples: list[Sample]) -> int:
@@ -447,7 +489,7 @@ def save_model(engine, path: Path) -> None:
 
 def _print_summary(results: dict[str, Any], metric: str) -> None:
     rows = [("model", results["model"]), ("task", results["task"]), ("ranks", results["world_size"]),
-            ("ZO steps", results["steps"]), ("eval examples", results["num_eval"]),
+            ("steps", f"{results['steps']} ({results['optimizer']})"), ("eval examples", results["num_eval"]),
             (f"zero-shot {metric}", f"{results['zero_shot'][metric]:.4f}"),
             (f"final {metric}", f"{results['final'][metric]:.4f}"),
             ("train time", f"{results['train_seconds']:.0f} s ({results['train_seconds'] / results['trained_steps']:.2f} s/step)")]
