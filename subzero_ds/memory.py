@@ -314,6 +314,7 @@ class ZeroSettings:
     method: str = "subzero"
     rank: int = 24
     fused: bool = False
+    update: str = "sgd"
 
     @property
     def dtype_bytes(self) -> int:
@@ -366,7 +367,7 @@ def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSet
         persistence_threshold=number("stage3_param_persistence_threshold", DEFAULT_PERSISTENCE),
         nvme_buffer_count=number("buffer_count", DEFAULT_NVME_BUFFER_COUNT, offload_cfg, "zero_optimization.offload_param"),
         nvme_buffer_size=number("buffer_size", DEFAULT_NVME_BUFFER_SIZE, offload_cfg, "zero_optimization.offload_param"),
-        method=settings.method.value, rank=settings.rank, fused=settings.fused,
+        method=settings.method.value, rank=settings.rank, fused=settings.fused, update=settings.update.value,
     )  # fmt: skip
 
 
@@ -689,8 +690,37 @@ def _zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: B
         # Entering the fused pass builds every served module's right factor C·Uᵀ (r × rows, fp32) at once.
         factors = sum(count * min(zero.rank, *shape) * shape[0] * 4 for shape, count in arch.shapes() if len(shape) == 2)
         items.append(Item("fused side-path factors C·Uᵀ (fp32)", gpu=factors))
+    label, state = _method_state(arch, zero, world)
+    if state:
+        items.append(Item(label, **{"cpu" if zero.offload is not Offload.NONE else "gpu": state}))
     items.extend(_runtime_items(device, p))
     return [_on_device(item, device) for item in items], moment
+
+
+# Chunks of z, √H·z, ĝ and Adam's step that HiZOO/S-MeZO/Adam make at a time (subzero_ds.methods).
+METHOD_CHUNK_ELEMENTS = 1 << 22
+
+
+def _method_state(arch: Architecture, zero: ZeroSettings, world: int) -> tuple[str, float]:
+    """(label, bytes per rank) of the method's state: fp32 and sharded like the parameters (on the
+    shards' device), except SubZero's matrices, whose momentum/Adam state is r×r per matrix."""
+    per_element = {"momentum": 1, "adam": 2}.get(zero.update, 0) + (1 if zero.method == "hizoo" else 0)
+    if not per_element:
+        return "", 0.0
+    matrices = [(shape, count) for shape, count in arch.shapes() if len(shape) == 2]
+    if zero.method == "subzero":
+        full = sum(count * math.prod(shape) for shape, count in arch.shapes() if len(shape) != 2)
+        coordinates = sum(count * min(zero.rank, *shape) ** 2 for shape, count in matrices)
+        state = (math.ceil(full / world) + coordinates) * 4 * per_element
+        where = "r×r per matrix, full for biases and norms"
+    else:
+        state = _shard_elements(arch, world) * 4 * per_element
+        where = "sharded like the parameters"
+    kinds = {"momentum": "momentum", "adam": "Adam m, v"}.get(zero.update, "")
+    if zero.method == "hizoo":
+        kinds = "HiZOO's Hessian H" + (f" + {kinds}" if kinds else "")
+    chunks = METHOD_CHUNK_ELEMENTS * 4 * 2 if zero.update == "adam" or zero.method == "hizoo" else 0
+    return f"method state: {kinds} (fp32, {where}) + working chunks", state + chunks
 
 
 def _runtime_items(device: str, dtype_bytes: int) -> list[Item]:

@@ -81,3 +81,14 @@ def test_every_shipped_config_is_valid(path):
     assert "subzero" in ds_config, f"{path.name} has no subzero section"
     parse_config(ds_config, str(path))
     json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs" / "first_order").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_first_order_config_builds_a_deepspeed_optimizer(path):
+    from subzero_ds.config import check_deepspeed_accepts
+    from subzero_ds.first_order import first_order_config
+
+    ds_config = load_ds_config(path)
+    check_deepspeed_accepts(ds_config, str(path))
+    built = first_order_config(ds_config, ds_config["optimizer"]["type"].lower(), 1e-5, 0.0)
+    assert built["optimizer"] == ds_config["optimizer"] and "subzero" not in built

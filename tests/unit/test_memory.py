@@ -255,3 +255,23 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache(tmp_path, monkeypatch):
     assert (arch.hidden, arch.layers, arch.ffn, arch.vocab) == (256, 3, 1024, 1000)
     with pytest.raises(MemoryPlanError, match="'acme/not-cached'.*hf download"):
         memory.load_architecture("acme/not-cached")
+
+
+@pytest.mark.parametrize("section,per_element", [({"method": "mezo", "update": "momentum"}, 4),
+                                                  ({"method": "mezo", "update": "adam"}, 8), ({"method": "hizoo"}, 4)])
+def test_method_state_is_sharded_like_the_parameters(section, per_element):
+    cluster = memory.Cluster(nodes=1, gpus_per_node=8)
+    result = memory.estimate("opt-13b", {"zero_optimization": {"stage": 3}, "subzero": section}, cluster)
+    (state,) = [i for i in result.items if i.name.startswith("method state")]
+    shard_elements = memory._shard_elements(result.architecture, cluster.world)
+    chunks = memory.METHOD_CHUNK_ELEMENTS * 8 if section.get("update") == "adam" or section["method"] == "hizoo" else 0
+    assert state.gpu == shard_elements * per_element + chunks
+
+
+def test_subzero_keeps_its_momentum_and_adam_state_in_subspace_coordinates():
+    cluster = memory.Cluster(nodes=1, gpus_per_node=8)
+    sgd = memory.estimate("opt-13b", {"zero_optimization": {"stage": 3}, "subzero": {}}, cluster)
+    adam = memory.estimate("opt-13b", {"zero_optimization": {"stage": 3}, "subzero": {"update": "adam"}}, cluster)
+    assert not [i for i in sgd.items if i.name.startswith("method state")]
+    (state,) = [i for i in adam.items if i.name.startswith("method state")]
+    assert state.gpu < 0.01 * memory._shard_elements(adam.architecture, 8) * 8  # r×r, not m×n

@@ -288,3 +288,16 @@ def test_each_method_lowers_the_loss_of_the_pattern_task(settings):
     batch = pattern_batch(8, seed=0)
     losses = [engine.step(batch).loss for _ in range(40)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.02, losses
+
+
+@pytest.mark.parametrize("settings", [
+    {"update": "momentum", "lr": 2e-4}, {"update": "adam", "lr": 1e-3}, {"queries": 3, "lr": 2e-4},
+    {"method": "mezo", "update": "adam", "lr": 1e-3},
+])
+def test_fused_follows_the_in_place_trajectory_for_every_update_rule(settings):
+    """ℓ± within fp32 rounding of each other, so the weights within lr·Δg·|D| per step (see test_fused.py)."""
+    _, _, in_place_results, in_place = run_engine(config(**settings, weight_decay=0.0))
+    _, _, fused_results, fused = run_engine(config(**settings, weight_decay=0.0, fused=True))
+    torch.testing.assert_close(torch.tensor([(r.loss_pos, r.loss_neg) for r in fused_results]),
+                               torch.tensor([(r.loss_pos, r.loss_neg) for r in in_place_results]), rtol=1e-5, atol=1e-5)
+    assert max((fused[k].double() - in_place[k].double()).abs().max().item() for k in in_place) <= 1e-5
