@@ -80,7 +80,15 @@ RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
 T = TypeVar("T")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIRST_ORDER = "first-order"
-METHODS = ("subzero", "mezo", FIRST_ORDER)
+# --method name -> its "subzero" settings (subzero_ds.methods: every method of the family).
+ZO_METHODS = {
+    "subzero": {"method": "subzero"}, "mezo": {"method": "mezo"},
+    "subzero-momentum": {"method": "subzero", "update": "momentum"}, "subzero-adam": {"method": "subzero", "update": "adam"},
+    "mezo-adam": {"method": "mezo", "update": "adam"}, "hizoo": {"method": "hizoo"},
+    "sparse_mezo": {"method": "sparse_mezo"},
+}
+UNFUSED = {"hizoo", "sparse_mezo"}  # no fused ± pass
+METHODS = (*ZO_METHODS, FIRST_ORDER)
 MODES = ("in-place", "fused")
 # Targets of the issue: SubZero step / two plain forwards, and fused / in-place all-gathered bytes.
 TARGET_RATIO = {"in-place": 1.15, "fused": 1.0}
@@ -156,7 +164,8 @@ def configurations(args: argparse.Namespace) -> list[Configuration]:
         for model in args.model
         for dtype in args.dtype
         for method in args.method
-        for mode in (args.mode if method != FIRST_ORDER else args.mode[:1])
+        for mode in (args.mode if method not in (FIRST_ORDER, *UNFUSED) else ["in-place"] if method in UNFUSED
+                     else args.mode[:1])
     ]
 
 
@@ -379,7 +388,7 @@ def ds_config(configuration: Configuration, batch_size: int, subspace_rank: int)
         config["zero_force_ds_cpu_optimizer"] = False
     else:
         config["subzero"] = {
-            "method": configuration.method, "lr": 1e-7, "eps": 1e-3, "rank": subspace_rank, "subspace_interval": 1000,
+            **ZO_METHODS[configuration.method], "lr": 1e-7, "eps": 1e-3, "rank": subspace_rank, "subspace_interval": 1000,
             "seed": 0, "fused": configuration.mode == "fused",
         }  # fmt: skip
     return config
@@ -723,6 +732,20 @@ def gpu_memory_ratios(rows: list[Row]) -> list[str]:
     return ["", "Peak GPU memory, ZO ÷ first-order AdamW (target ≤ 0.35): " + ", ".join(ratios) + "."] if ratios else []
 
 
+def memory_vs_mezo(rows: list[Row]) -> list[str]:
+    """Each configuration's peak RSS above imports ÷ MeZO's (same model, dtype and mode), when MeZO ran."""
+    mezo = {(r.configuration.model, r.configuration.dtype, r.configuration.mode): r.max_above_imports_mib
+            for r in rows if r.configuration.method == "mezo"}
+    ratios = [f"{c.method} {c.mode or ''} {r.max_above_imports_mib / mezo[c.model, c.dtype, c.mode]:.3f}×".replace("  ", " ")
+              for r in rows if (c := r.configuration).method != "mezo" and (c.model, c.dtype, c.mode) in mezo]
+    lines = ["", "Peak RSS above imports ÷ MeZO's (same model, dtype, mode): " + ", ".join(ratios) + "."] if ratios else []
+    hizoo = [f"{r.ratio / 1.5:.3f}" for r in rows if r.configuration.method == "hizoo" and r.forward2_s == r.forward2_s]
+    if hizoo:
+        lines += ["", "HiZOO takes three forwards (ℓ0, ℓ+, ℓ−): its limit is 1.5× two forwards; step ÷ three forwards: "
+                  + ", ".join(hizoo) + "."]
+    return lines
+
+
 def per_rank(values: list[float]) -> str:
     """MiB values of every rank, "r0 / r1 / …"."""
     return " / ".join(f"{v:,.0f}" for v in values)
@@ -808,6 +831,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         "",
         "Targets, SubZero step ÷ two plain forwards: "
         + (", ".join(verdicts) or "SubZero not run (or forwards not timed)") + ".",
+        *memory_vs_mezo(rows),
         *gpu_memory_ratios(rows),
         "",
         "## Communication: bytes all-gathered per step",
