@@ -89,6 +89,7 @@ class SubZeroEngine:
         self.loss_fn = loss_fn or model_loss
         self.fused_pass = FusedPass(self.module, optimizer.shards, optimizer.direction, config.eps) if config.fused else None
         self.accumulation_steps = accumulation_steps
+        self.learning_rate = config.lr  # a schedule (e.g. the HF Trainer's) may change it between steps
         self.global_step = 0
         self.consecutive_skips = 0
         self._micro_batch = 0  # micro-batches of the current step done so far
@@ -111,8 +112,8 @@ class SubZeroEngine:
 
     @property
     def lr(self) -> float:
-        """Learning rate of the next step."""
-        return self.config.lr
+        """Learning rate of the next step: ``subzero.lr``, unless a schedule set :attr:`learning_rate`."""
+        return self.learning_rate
 
     @property
     def estimator(self) -> Estimator:
