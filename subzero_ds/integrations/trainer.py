@@ -64,9 +64,11 @@ class ZOTrainer(Trainer):
 
     def __init__(self, model: Any = None, args: TrainingArguments | None = None, *trainer_args: Any,
                  optimizers: tuple = (None, None), **kwargs: Any) -> None:
-        if args is None or not args.deepspeed:
-            raise ConfigError('ZOTrainer needs TrainingArguments(deepspeed="ds.json") with a "subzero" section: '
-                              "the DeepSpeed config names the ZeRO stage and the ZO method.")
+        plugin = getattr(args, "deepspeed_plugin", None)  # `accelerate launch` with a DeepSpeed config brings one
+        if args is None or not (args.deepspeed or plugin is not None):
+            raise ConfigError('ZOTrainer needs TrainingArguments(deepspeed="ds.json") (or `accelerate launch` with a '
+                              'DeepSpeed config file) with a "subzero" section: the DeepSpeed config names the ZeRO '
+                              "stage and the ZO method.")
         if any(o is not None for o in optimizers):
             raise ConfigError("ZOTrainer(optimizers=...) was given, but a zeroth-order run has no first-order "
                               'optimizer or scheduler: remove `optimizers`; set the rate as `subzero.lr` and the '
@@ -75,7 +77,7 @@ class ZOTrainer(Trainer):
             raise ConfigError("TrainingArguments(fp16=True) was given: fp16 loss scaling has no place in "
                               "zeroth-order training. Use bf16=True (or fp32).")
         ds_config = self._deepspeed_config(args)
-        settings = parse_config(ds_config, f"the DeepSpeed config of TrainingArguments.deepspeed ({args.deepspeed!r})")
+        settings = parse_config(ds_config, f"the DeepSpeed config ({args.deepspeed or 'accelerate'!r})")
         if args.learning_rate not in (HF_DEFAULT_LEARNING_RATE, settings.lr):
             raise ConfigError(
                 f"TrainingArguments(learning_rate={args.learning_rate:g}) and `subzero.lr` = {settings.lr:g} disagree. "
@@ -83,6 +85,7 @@ class ZOTrainer(Trainer):
                 "or set it equal to `subzero.lr`."
             )
         # The Trainer sees a plain multi-process run: DeepSpeed is ours to drive (no DeepSpeed optimizer).
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"  # set by `accelerate launch`; it would bring DeepSpeed back
         plain = dataclasses.replace(args, deepspeed=None, learning_rate=settings.lr)
         self.zo_config = ds_config
         super().__init__(model, plain, *trainer_args, **kwargs)
@@ -95,6 +98,9 @@ class ZOTrainer(Trainer):
     def _deepspeed_config(args: TrainingArguments) -> dict[str, Any]:
         """The JSON with the Trainer's "auto" values filled (batch sizes, accumulation, bf16)."""
         hf_config = getattr(args, "hf_deepspeed_config", None)
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if hf_config is None and plugin is not None:  # accelerate's config file
+            hf_config = plugin.hf_ds_config
         config = dict(hf_config.config) if hf_config is not None else load_ds_config(args.deepspeed)
         if SECTION not in config:
             raise ConfigError(f'the DeepSpeed config {args.deepspeed!r} has no "{SECTION}" section: add one (see '
