@@ -36,7 +36,7 @@ from subzero_ds.config import (ConfigError, check_deepspeed_accepts, deepspeed_s
                                zero_stage)
 from subzero_ds.data import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
 from subzero_ds.distributed import (barrier, disagreements, exit_process, get_world_size_and_rank, init_distributed,
-                                    is_local_main_process, is_main_process, log)
+                                    is_local_main_process, is_main_process, log, sum_over_ranks)
 from subzero_ds.engine import NonFiniteLossError, StepResult
 from subzero_ds.first_order import OPTIMIZER_TYPES, FirstOrderEngine, FirstOrderResult, first_order_config
 from subzero_ds.evaluation import evaluate_task
@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_dev", type=int, default=0, help="Examples held out of the training set for periodic dev evaluation.")
     p.add_argument("--num_eval", type=int, default=1000, help="Evaluation examples sampled (seeded); 0 = all.")
     p.add_argument("--max_steps", type=int, default=1000, help="ZO steps.")
+    p.add_argument("--max_train_seconds", type=float, default=0.0,
+                   help="Also stop after this many seconds of training (a wall-clock budget; 0 = no limit).")
     p.add_argument("--per_device_batch_size", type=int, default=None,
                    help="Examples per rank per step (default: train_micro_batch_size_per_gpu of the DeepSpeed config).")
     p.add_argument("--eval_batch_size", type=int, default=8, help="Sequences per evaluation forward pass per rank.")
@@ -147,6 +149,8 @@ def validate_args(args: argparse.Namespace) -> None:
                 and getattr(args, name) < lowest]
     if args.seed >= 2**63:
         problems.append(f"--seed must be below 2**63, got {args.seed}")
+    if not (math.isfinite(args.max_train_seconds) and args.max_train_seconds >= 0):
+        problems.append(f"--max_train_seconds must be a finite number >= 0, got {args.max_train_seconds}")
     if problems:
         raise UsageError("; ".join(problems) + ".")
     source = repr(str(args.deepspeed_config)) if args.deepspeed_config else "the built-in default config"
@@ -402,6 +406,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     forwards = 1 if first_order else len(engine.estimator.probes())
     started = time.perf_counter()
     window_start, window_tokens = started, 0
+    last_step = args.max_steps
     for step in range(first_step, args.max_steps + 1):
         step_samples = batches.at(step - 1)
         for micro in range(micro_batches):  # micro-batch `micro` of rank r: a fixed share of the global batch
@@ -410,7 +415,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             result = engine.step(batch)
             window_tokens += forwards * int(batch["attention_mask"].sum()) * world_size  # ranks see equal shares
         progress.update(1)
-        if step % args.log_steps == 0 or step == args.max_steps:
+        out_of_time = args.max_train_seconds > 0 and sum_over_ranks(
+            float(time.perf_counter() - started >= args.max_train_seconds))[0] > 0  # every rank stops together
+        if out_of_time:
+            last_step = step
+        if step % args.log_steps == 0 or step == last_step:
             now = time.perf_counter()
             seconds = (now - window_start) / ((step - 1) % args.log_steps + 1)
             row = {"step": step, **metrics_of(result), "seconds_per_step": seconds,
@@ -418,30 +427,43 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             metrics.write(row)
             progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             window_start, window_tokens = now, 0
-        if args.eval_steps and step % args.eval_steps == 0 and step != args.max_steps:
+        if args.eval_steps and step % args.eval_steps == 0 and step != last_step:
             scores = evaluate(dev_samples or eval_samples)
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in scores.items()}})
         if args.save_steps and step % args.save_steps == 0:
             engine.save_checkpoint(checkpoints, extra=saved_state, keep_last=args.save_total_limit)
+        if out_of_time:
+            log(f"--max_train_seconds {args.max_train_seconds:g} reached after step {step}")
+            break
     progress.close()
     train_seconds = time.perf_counter() - started
-    trained_steps = max(1, args.max_steps - first_step + 1)
+    trained_steps = max(1, last_step - first_step + 1)
 
     final = evaluate(eval_samples)
-    metrics.write({"step": args.max_steps, **{f"eval_{k}": v for k, v in final.items()}})
+    metrics.write({"step": last_step, **{f"eval_{k}": v for k, v in final.items()}})
     save_model(engine, args.output_dir / "final")
     if args.merge_adapter and is_peft_model(engine.module):
         merge_adapter(model_path, args.output_dir / "final", args.output_dir / "final" / "merged")
         if is_main_process():
             tokenizer.save_pretrained(args.output_dir / "final" / "merged")
     results = {"task": task.name, "model": args.model_name_or_path, "world_size": world_size, "optimizer": kind,
-               "steps": args.max_steps, "num_eval": len(eval_samples), "zero_shot": zero_shot, "final": final,
-               "train_seconds": train_seconds, "trained_steps": trained_steps}
+               "steps": last_step, "num_eval": len(eval_samples), "zero_shot": zero_shot, "final": final,
+               "train_seconds": train_seconds, "trained_steps": trained_steps, **peak_memory(engine.device)}
     if is_main_process():
         tokenizer.save_pretrained(args.output_dir / "final")
         (args.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
     _print_summary(results, task.metric)
     return results
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This rank's peak resident memory (and peak GPU memory on CUDA), in MiB, for comparisons across methods."""
+    import resource
+
+    peaks = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peaks["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peaks
 
 
 def metrics_of(result: StepResult | FirstOrderResult) -> dict[str, Any]:
