@@ -101,8 +101,11 @@ def tiny_tokenizer(texts: list[str], vocab_size: int = 384, masked_lm: bool = Fa
                                    unk_token="<unk>", mask_token="<mask>")
 
 
-def save_tiny_pretrained(directory, arch: str, texts: list[str], seed: int = 0) -> None:
-    """Write a tiny model (``opt``, ``llama`` or ``roberta``) and its tokenizer with ``save_pretrained``."""
+def save_tiny_pretrained(directory, arch: str, texts: list[str], seed: int = 0, **sizes: int) -> None:
+    """Write a tiny model (one of :data:`ARCHITECTURES`, or ``roberta``) and its tokenizer with ``save_pretrained``.
+
+    ``sizes`` (``hidden``, ``layers``) go to :func:`tiny_config` for the causal LMs.
+    """
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     tokenizer = tiny_tokenizer(texts, masked_lm=arch == "roberta")
@@ -115,7 +118,7 @@ def save_tiny_pretrained(directory, arch: str, texts: list[str], seed: int = 0) 
             torch.manual_seed(seed)
             model = RobertaForMaskedLM(config)
     else:
-        model = tiny_model(arch, seed=seed, vocab=vocab)
+        model = tiny_model(arch, seed=seed, vocab=vocab, **sizes)
         model.config.update({"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2})
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
