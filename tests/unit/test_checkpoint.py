@@ -71,12 +71,35 @@ def test_a_corrupt_shard_file_is_refused_with_the_file_named(tmp_path):
         make_engine().load_checkpoint(path)
 
 
-def test_resuming_with_other_direction_settings_is_refused(tmp_path):
+@pytest.mark.parametrize("setting,saved,changed", [
+    ("rank", 4, 8), ("method", "subzero", "mezo"), ("seed", 7, 8), ("subspace_interval", 3, 4),
+    ("reshape", "auto", "always"),
+])
+def test_resuming_with_other_direction_settings_is_refused(tmp_path, setting, saved, changed):
     engine = make_engine()
     train(engine, 1)
     engine.save_checkpoint(tmp_path)
-    with pytest.raises(CheckpointError, match="subzero.rank=4"):
-        make_engine(rank=8).load_checkpoint(tmp_path)
+    resumed = make_engine(**{setting: changed})
+    with pytest.raises(CheckpointError) as refused:
+        resumed.load_checkpoint(tmp_path)
+    message = str(refused.value)
+    assert f"subzero.{setting}={saved!r}" in message and f"this run has {changed!r}" in message, message
+    assert "would not continue the same trajectory" in message
+    assert resumed.global_step == 0  # nothing was loaded
+
+
+@pytest.mark.parametrize("changed", ["global_batch", "data_seed", "data_fingerprint"])
+def test_resuming_with_other_data_or_global_batch_is_refused(tmp_path, changed):
+    from subzero_ds.train import resume
+
+    data = {"data_fingerprint": 12345, "data_seed": 0, "global_batch": 4}
+    engine = make_engine()
+    train(engine, 1)
+    path = engine.save_checkpoint(tmp_path, extra={**data, "zero_shot": {"accuracy": 0.5}})
+    assert resume(make_engine(), str(path), tmp_path, data)["zero_shot"] == {"accuracy": 0.5}  # the same data resumes
+    other = {**data, changed: data[changed] + 4}  # e.g. 2 ranks x 4 instead of 1 rank x 4
+    with pytest.raises(CheckpointError, match=f"other training data \\({changed} differ\\)"):
+        resume(make_engine(), str(path), tmp_path, other)
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
