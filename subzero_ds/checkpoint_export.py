@@ -48,10 +48,15 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, base_model: st
     manifest = read_manifest(checkpoint)
     verify_files(checkpoint, manifest, manifest.files)
     extra = manifest.extra
-    base_model = base_model or extra.get("model_name_or_path")
+    recorded = extra.get("model_name_or_path")
+    base_model = base_model or recorded
     if not base_model:
         raise CheckpointError(f"{checkpoint} does not record its base model (it was not written by subzero-train): "
                               "pass --base_model with the model directory the run started from")
+    looks_local = recorded is not None and (recorded.startswith(("/", ".", "~")) or recorded.count("/") > 1)
+    if base_model == recorded and looks_local and not Path(recorded).expanduser().exists():
+        raise CheckpointError(f"{checkpoint} was trained from the base model {recorded}, which no longer exists: "
+                              "pass --base_model with that model's directory (or its hub id)")
     dtype = getattr(torch, next(iter(manifest.dtypes.values()), "float32"))
     model_class = AutoModelForMaskedLM if extra.get("masked_lm") else AutoModelForCausalLM
     model = model_class.from_pretrained(base_model, dtype=dtype)
