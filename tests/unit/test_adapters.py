@@ -1,5 +1,7 @@
 """PEFT adapters (LoRA, prefix, prompt) trained by the ZO engine under ZeRO-3."""
 
+import math
+
 import pytest
 import torch
 from peft import PeftModel
@@ -33,15 +35,39 @@ def test_lora_trains_only_the_adapter_and_reshapes_its_factors():
     assert len(base) > 10 and all(torch.equal(before[n], after[n]) for n in base)
 
 
+def make_engine_seeded(tuning: Tuning, lr: float, eps: float, seed: int):
+    model = add_adapter(tiny_model("llama"), tuning)
+    config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "subzero": {"lr": lr, "eps": eps, "rank": 4, "subspace_interval": 50, "seed": seed}}
+    return subzero_ds.initialize(model=model, config=config)
+
+
+ADAPTER_SEEDS = range(5)
+ADAPTER_STEPS = 40
+
+
 @pytest.mark.parametrize("tuning", [Tuning.PREFIX, Tuning.PROMPT])
 def test_prefix_and_prompt_tuning_lower_the_loss(tuning):
-    engine = make_engine(tuning, lr=1.0, eps=1e-1)
-    assert [s.name for s in engine.shards] == ["prompt_encoder.default.embedding.weight"]
+    """Over 5 run seeds, 40 steps at lr 3 lower the loss below what the same steps at lr 0 leave (θ
+    bit-identical, so exactly the starting loss: test_engine checks that), every seed and by far.
+
+    A random ± update (no descent) would lower it as often as raise it: all 5 lower has probability
+    1/32, and a one-sided t statistic of the drops above 4.6 (df 4) has p < 0.005. Measured: drops
+    0.012-0.029 (prefix) and 0.010-0.012 (prompt), t ≈ 7 and ≈ 20.
+    """
     batch = pattern_batch(16)
-    before = engine.evaluate(batch)
-    for _ in range(150):
-        engine.step(batch)
-    assert engine.evaluate(batch) < before - 0.005
+    drops = []
+    for seed in ADAPTER_SEEDS:
+        engine = make_engine_seeded(tuning, lr=3.0, eps=1e-1, seed=seed)
+        assert [s.name for s in engine.shards] == ["prompt_encoder.default.embedding.weight"]
+        before = engine.evaluate(batch)
+        for _ in range(ADAPTER_STEPS):
+            engine.step(batch)
+        drops.append(before - engine.evaluate(batch))
+    mean = sum(drops) / len(drops)
+    spread = math.sqrt(sum((d - mean) ** 2 for d in drops) / (len(drops) - 1))
+    assert all(d > 0 for d in drops), drops
+    assert mean / (spread / math.sqrt(len(drops))) > 4.6, drops
 
 
 def test_prompt_tuning_starts_from_vocabulary_embeddings():
