@@ -1,7 +1,13 @@
 """NVMe offload settings are checked before any work starts: swap directory, libaio, buffer size."""
 
+import ctypes.util
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,8 +24,20 @@ def nvme_config(path, **offload) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def libaio_present(monkeypatch):
-    monkeypatch.setattr(config_module, "_async_io_available", lambda: True)
+def libaio_present(request, monkeypatch):
+    """Most tests are about the path checks: the libaio probe answers yes (tests using ``real_libaio`` run it)."""
+    if "real_libaio" not in request.fixturenames:
+        monkeypatch.setattr(config_module, "_async_io_available", lambda: True)
+
+
+@pytest.fixture
+def real_libaio():
+    """The unpatched async_io probe, where libaio and a C compiler are installed (scripts/setup.sh installs them)."""
+    missing = [what for what, there in [("libaio.so", ctypes.util.find_library("aio")),
+                                        ("/usr/include/libaio.h", Path("/usr/include/libaio.h").is_file()),
+                                        ("gcc", shutil.which("gcc"))] if not there]
+    if missing:
+        pytest.skip(f"the real libaio probe needs {', '.join(missing)} (apt-get install libaio-dev gcc)")
 
 
 def test_existing_writable_directory_passes(tmp_path):
@@ -57,6 +75,57 @@ def test_missing_libaio_is_reported_with_the_install_command(tmp_path, monkeypat
         check_offload_paths(nvme_config(tmp_path / "missing"))
     message = str(error.value)
     assert "does not exist" in message and "libaio-dev" in message  # both problems at once
+
+
+def test_installed_libaio_passes_the_real_probe(tmp_path, real_libaio):
+    assert config_module._async_io_available()  # DeepSpeed's own compile-and-link probe of io_submit
+    check_offload_paths(nvme_config(tmp_path))
+
+
+def test_a_linker_without_libaio_fails_the_real_probe_with_the_install_command(tmp_path, real_libaio, monkeypatch):
+    """DeepSpeed's probe links a program against -laio: with a compiler that cannot find libaio (a
+    wrapper around gcc that fails on -laio as ld does without it), the real check reports it."""
+    compiler = tmp_path / "cc-without-libaio"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-laio" ] && { echo "ld: cannot find -laio" >&2; exit 1; }; done\n'
+                        f'exec {shutil.which("gcc")} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))  # distutils' customize_compiler: the compiler and the linker
+    assert not config_module._async_io_available()
+    with pytest.raises(ConfigError) as error:
+        check_offload_paths(nvme_config(tmp_path))
+    assert "libaio-dev" in str(error.value) and "async_io" in str(error.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="not root: test_read_only_directory_is_rejected runs the real check")
+def test_read_only_directory_is_rejected_for_a_real_non_root_user():
+    """No patched os.access: a child process imports as root, drops to nobody (uid 65534) and checks
+    a root-owned 0o555 directory, which access(2) then really reports as not writable."""
+    shared = Path(tempfile.mkdtemp(prefix="subzero-nobody-"))  # in /tmp: pytest's own tmp is root-only (0o700)
+    shared.chmod(0o755)
+    read_only = shared / "ro"
+    read_only.mkdir(mode=0o555)
+    writable = shared / "rw"
+    writable.mkdir()
+    os.chown(writable, 65534, 65534)
+    script = textwrap.dedent(f"""
+        import os
+        import subzero_ds.config as config
+        libaio = config._async_io_available()  # as root: the probe compiles with files only root may read
+        config._async_io_available = lambda: libaio
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        assert os.geteuid() == 65534
+        config.check_offload_paths({nvme_config(writable)!r})  # nobody's own directory passes
+        try:
+            config.check_offload_paths({nvme_config(read_only)!r})
+        except config.ConfigError as error:
+            print(error)
+    """)
+    try:
+        finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(shared)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "cannot write to" in finished.stdout and str(read_only) in finished.stdout and f"`{KEY}`" in finished.stdout
 
 
 @pytest.mark.parametrize("zero", [{"stage": 3}, {"stage": 3, "offload_param": {"device": "cpu", "nvme_path": "/no/such"}}])
