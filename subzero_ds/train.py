@@ -357,7 +357,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # Alive while the model is built: transformers and peft consult it to partition at load time and
     # to gather partitioned weights they read (prompt tuning's init). Dropped after initialize, so
     # rank-0-only work later (merging the adapter on CPU) does not start collectives.
-    hf_zero3 = HfDeepSpeedConfig(deepspeed_section(ds_config)) if zero_stage(ds_config) == 3 else None
+    section = deepspeed_section(ds_config)
+    if "train_batch_size" not in section:  # DeepSpeed's config parser insists on a batch size
+        section.setdefault("train_micro_batch_size_per_gpu", args.per_device_batch_size or 1)
+    hf_zero3 = HfDeepSpeedConfig(section) if zero_stage(ds_config) == 3 else None
     model = load_model(model_path, masked_lm, ds_config)
     options = AdapterOptions(lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
                              lora_target_modules=tuple(args.lora_target_modules), num_virtual_tokens=args.num_virtual_tokens)
