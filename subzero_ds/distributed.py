@@ -124,8 +124,12 @@ def exit_process(code: int = 0) -> None:
 
     Exiting without interpreter teardown avoids an abort DeepSpeed's ZeRO-3 sometimes hits
     there ("terminate called without an active exception"); MPI must still be finalized or
-    ``mpirun`` reports the rank as failed.
+    ``mpirun`` reports the rank as failed. A W&B run (DeepSpeed's ``wandb`` monitor) is finished
+    first: its rows are sent by a service that dies with the process.
     """
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=code)
     if code == 0:
         shutdown()
     _unlink_shared_memory_buffer()
