@@ -25,7 +25,12 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from subzero_ds import distributed
 from subzero_ds.data import candidate_scores, classification_loss
 from subzero_ds.fused import FusedPass
-from subzero_ds.optimizer import GaussianDirection, SubspaceDirection, ZOOptimizer
+from subzero_ds import methods
+from subzero_ds.config import Reshape, SubZeroConfig, UpdateRounding
+from subzero_ds.methods.base import UpdateStep
+from subzero_ds.methods.mezo import GaussianDirection
+from subzero_ds.methods.subzero import SubspaceDirection
+from subzero_ds.optimizer import ZOOptimizer
 from subzero_ds.shards import ParamShard
 
 CUDA = torch.device("cuda")
@@ -87,28 +92,53 @@ def shards_of(model: nn.Module) -> list[ParamShard]:
             for n, p in model.named_parameters()]
 
 
-@pytest.mark.parametrize("method", sorted(DIRECTIONS))
+# Every method of the family (direction × update rule), as the "subzero" section configures it.
+METHODS = {
+    "subzero": {"method": "subzero", "rank": 4},
+    "subzero-reshape": {"method": "subzero", "rank": 4, "reshape": "always"},
+    "mezo": {"method": "mezo"},
+    "subzero-momentum-q2": {"method": "subzero", "rank": 4, "update": "momentum", "queries": 2},
+    "subzero-adam-project": {"method": "subzero", "rank": 4, "update": "adam", "state_on_refresh": "project",
+                             "subspace_interval": 1},
+    "mezo-adam": {"method": "mezo", "update": "adam"},
+    "hizoo": {"method": "hizoo"},
+    "sparse_mezo": {"method": "sparse_mezo"},
+}
+
+
+def method_of(name: str, **extra) -> "methods.ZOMethod":
+    settings = SubZeroConfig.model_validate({"seed": 1, "weight_decay": 0.1, **METHODS[name], **extra})
+    return methods.build(settings, reshape=settings.reshape is Reshape.ALWAYS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_optimizer_writes_stay_on_the_shards_device(fake_cuda, method, dtype):
+def test_optimizer_writes_and_method_state_stay_on_the_shards_device(fake_cuda, method, dtype):
     model = on_fake_cuda(Tiny(), dtype)
     shards = shards_of(model)
     assert all(s.device.type == "cuda" for s in shards)
-    optimizer = ZOOptimizer(shards, DIRECTIONS[method](), eps=1e-3, weight_decay=0.1)
+    optimizer = ZOOptimizer(shards, method_of(method), eps=1e-3)
     assert all(b.device.type == "cuda" for b in optimizer._backups)  # the backup lives beside the shard
-    optimizer.save_()
-    optimizer.perturb_(0, +1.0)
-    optimizer.perturb_(0, -1.0)
-    optimizer.restore_()
-    optimizer.update_(0, projected_grad=0.5, lr=1e-3)
+    if method == "sparse_mezo":  # its thresholds come from a bisection that reads counts back: given here
+        optimizer.load_scalars_({"direction": {"thresholds": {shard.name: 0.5 for shard in shards}}})
+    queries = optimizer.method.estimator.queries
+    for step in (0, 1):  # step 1 refreshes the subspace of "subspace_interval": 1 (Adam state projected)
+        optimizer.save_()
+        for query in range(queries):
+            optimizer.perturb_(step, +1.0, query)
+            optimizer.perturb_(step, -1.0, query)
+        optimizer.restore_()
+        grads = [0.5 - query for query in range(queries)]
+        losses = [1.0] * len(optimizer.method.estimator.probes())
+        optimizer.update_(UpdateStep(step, lr=1e-3, grads=grads, losses=losses, eps=1e-3))
+    assert all(state.tensor.device.type == "cuda" for state in optimizer.state())
 
 
 def test_stochastic_rounding_update_stays_on_the_device(fake_cuda):
-    from subzero_ds.config import UpdateRounding
-
     model = on_fake_cuda(Tiny(), torch.bfloat16)
-    optimizer = ZOOptimizer(shards_of(model), DIRECTIONS["subzero"](), eps=1e-3, weight_decay=0.0, in_place=False,
+    optimizer = ZOOptimizer(shards_of(model), method_of("subzero"), eps=1e-3, in_place=False,
                             update_rounding=UpdateRounding.STOCHASTIC)
-    optimizer.update_(3, projected_grad=-2.0, lr=1e-6)
+    optimizer.update_(UpdateStep(3, lr=1e-6, grads=[-2.0], losses=[1.0, 1.0], eps=1e-3))
 
 
 @pytest.mark.parametrize("method", ["subzero", "mezo"])
