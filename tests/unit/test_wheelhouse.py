@@ -43,6 +43,29 @@ def _offline_env() -> dict[str, str]:
     return env | {"PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
+def _torch_image(folder: Path) -> Path:
+    """``folder`` holding torch, numpy and what torch requires, as a cluster image has them installed:
+    links to this interpreter's installed copies (installing a torch wheel would take a minute)."""
+    from packaging.requirements import Requirement
+
+    folder.mkdir()
+    wanted, seen = ["torch", "numpy"], set()
+    while wanted:
+        name = wanted.pop()
+        distribution = importlib.metadata.distribution(name)
+        key = distribution.metadata["Name"].lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        for requirement in map(Requirement, distribution.requires or []):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                wanted.append(requirement.name)
+        for top in {file.parts[0] for file in distribution.files or []} - {"..", "__pycache__"}:
+            if not (folder / top).exists():
+                (folder / top).symlink_to(distribution.locate_file(top))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """Skips unless the package registry answers (the wheelhouse downloads from it)."""
@@ -88,15 +111,16 @@ def test_wheelhouse_installs_offline_next_to_torch(registry, tmp_path):
     assert "True" not in recorded.split("installed_ops=")[1].splitlines()[0]
     assert "nvidia-ml-py" in names
 
-    # A fresh venv with only torch and numpy, as the cluster image has, then the offline install.
+    # A fresh venv that sees only torch and numpy (and torch's requirements), as the cluster image has,
+    # then the offline install.
     venv = tmp_path / "venv"
-    assert _run([sys.executable, "-m", "venv", str(venv)], timeout=300).returncode == 0
+    assert _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=300).returncode == 0
     python = str(venv / "bin" / "python")
-    torch = importlib.metadata.version("torch").split("+")[0]
-    image = _run([python, "-m", "pip", "install", "-q", f"torch=={torch}", "numpy"], timeout=900)
-    assert image.returncode == 0, image.stderr[-3000:]
-    offline = _run([python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(house),
-                    "subzero_ds[test-core]"], env=_offline_env(), timeout=900)
+    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], timeout=60).stdout.strip()
+    Path(site, "cluster_image.pth").write_text(str(_torch_image(tmp_path / "image")) + "\n")
+    # This pip installs into the venv (--python): the venv has no pip, nor the old setuptools pip would bring.
+    offline = _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-compile", "--no-index",
+                    "--find-links", str(house), "subzero_ds[test-core]"], env=_offline_env(), timeout=900)
     assert offline.returncode == 0, offline.stderr[-3000:]
 
     # Run outside the repository, so that the installed package is the one imported.
