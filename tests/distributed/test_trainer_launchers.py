@@ -13,7 +13,8 @@ pytestmark = pytest.mark.distributed
 SCRIPT = "tests/distributed/trainer_equivalence.py"
 
 
-@pytest.mark.parametrize("launcher,ranks,accumulation", [("python", 1, 1), ("deepspeed", 2, 1), ("deepspeed", 2, 2)])
+# 2 ranks with accumulation 2 is the case where the Trainer's and the engine's micro-batch counting could part.
+@pytest.mark.parametrize("launcher,ranks,accumulation", [("python", 1, 1), ("deepspeed", 2, 2)])
 def test_zotrainer_matches_the_engine_driven_by_hand(tmp_path, launcher, ranks, accumulation):
     done = run(launcher, ranks, SCRIPT, "--out", str(tmp_path / "r.pt"), "--workdir", str(tmp_path),
                "--accumulation", str(accumulation), timeout=400)
