@@ -1,7 +1,7 @@
 """trajectory.py's runs for the architectures beyond OPT and LLaMA: GPT-2, Mistral and Qwen2.
 
 The same script, the same training loop and the same saved results as trajectory.py (launched by
-tests/distributed/test_architecture_equivalence.py as 1 plain process and with ``deepspeed --num_gpus 2``);
+tests/distributed/test_architecture_equivalence.py as 1 plain process and as 2 ranks);
 only the cases differ. No architecture has code of its own in subzero_ds: each must follow the
 same trajectory on 1 and 2 ranks.
 """

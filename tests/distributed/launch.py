@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from subzero_ds.distributed import free_port
@@ -28,12 +30,53 @@ def launcher_command(launcher: str, nprocs: int) -> list[str]:
 
 
 def run(launcher: str, nprocs: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run ``args`` (a script and its arguments) under ``launcher``; returns the finished process."""
+    """Run ``args`` (a script and its arguments) under ``launcher``; returns the finished process.
+
+    ``launcher``: "python" (one plain process), "deepspeed", "mpirun", or "ranks": the ranks started
+    directly with the variables torchrun sets, for tests whose subject is not the launcher (the
+    deepspeed launcher imports DeepSpeed twice before a rank starts: ~8 s a launch here).
+    """
     if launcher == "deepspeed" and args[0] == "-m":
         args = ("--module", *args[1:])  # the deepspeed launcher's spelling of python -m
     # In-process tests set RANK/MASTER_PORT… for pytest's own 1-rank group; a child must not reuse them.
     inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
     env = {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if launcher == "ranks":
+        return run_ranks(nprocs, args, env, timeout)
     return subprocess.run(
         [*launcher_command(launcher, nprocs), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_ranks(nprocs: int, args: tuple[str, ...], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``nprocs`` ranks of ``python ARGS`` on this host, stopped together as a launcher stops them: when one
+    exits non-zero the others are killed. Returns the first failing rank's code (else 0) and every
+    rank's output, rank by rank."""
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nprocs),
+                  "LOCAL_WORLD_SIZE": str(nprocs)}
+    with tempfile.TemporaryDirectory() as scratch:
+        logs = [(open(Path(scratch, f"{rank}.out"), "w+"), open(Path(scratch, f"{rank}.err"), "w+"))
+                for rank in range(nprocs)]
+        ranks = [subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=out, stderr=err, text=True,
+                                  env={**env, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                 for rank, (out, err) in enumerate(logs)]
+        deadline, failed = time.monotonic() + timeout, None
+        try:
+            while any(p.poll() is None for p in ranks) and failed is None:
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
+                failed = next((p.returncode for p in ranks if p.returncode not in (None, 0)), None)
+                time.sleep(0.1)
+        finally:
+            for p in ranks:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        failed = next((p.returncode for p in ranks if p.returncode != 0), 0) if failed is None else failed
+        outputs = []
+        for out, err in logs:
+            out.seek(0), err.seek(0)
+            outputs.append((out.read(), err.read()))
+            out.close(), err.close()
+    return subprocess.CompletedProcess([sys.executable, *args], failed, "".join(o for o, _ in outputs),
+                                       "".join(e for _, e in outputs))

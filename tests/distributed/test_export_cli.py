@@ -44,7 +44,7 @@ def fp16_run(workspace):
     output = workspace / "fp16"
     config = {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "subzero": {"lr": 1e-3, "eps": 1e-2, "rank": 4, "seed": 1}}
-    finished = run("deepspeed", 2, *train_command(workspace, "base-full", output, config, "--save_steps", "1",
+    finished = run("ranks", 2, *train_command(workspace, "base-full", output, config, "--save_steps", "1",
                                                     "--save_total_limit", "2"))
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
     shutil.copytree(workspace / "base-full", workspace / "base-moved")

@@ -27,7 +27,7 @@ def fused_one_rank(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fused_two_ranks(tmp_path_factory):
-    return trajectories(tmp_path_factory, "deepspeed", 2, fused=True)
+    return trajectories(tmp_path_factory, "ranks", 2, fused=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -114,7 +114,7 @@ def counts(tmp_path_factory):
     from launch import run
 
     out = tmp_path_factory.mktemp("gathers") / "counts"
-    finished = run("deepspeed", 2, __file__, str(out))
+    finished = run("ranks", 2, __file__, str(out))
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
 

@@ -1,6 +1,6 @@
 """Every ZO method follows the same trajectory on 1 and 2 ranks, and resumes on another world size.
 
-One 1-rank and one 2-rank launch (deepspeed launcher) cover every case of method_trajectories.py;
+One 1-rank and one 2-rank launch cover every case of method_trajectories.py;
 the 2-rank run also checkpoints at step 6, and a 1-rank launch resumes those checkpoints. fp32
 losses of 1 and 2 ranks differ by reduction order only, so the weights agree to ~1e-5 (the
 tolerance reasoning of trajectory.py: lr·Δg·|D| per step).
@@ -35,7 +35,7 @@ def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     one = run("python", 1, SCRIPT, "--out", str(root / "one.pt"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run("deepspeed", 2, SCRIPT, "--out", str(root / "two.pt"), "--resume_at", "6",
+    two = run("ranks", 2, SCRIPT, "--out", str(root / "two.pt"), "--resume_at", "6",
               "--checkpoint", str(root / "ckpt"), timeout=400)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     resumed = run("python", 1, SCRIPT, "--out", str(root / "resumed.pt"), "--resume_from", str(root / "ckpt"))
