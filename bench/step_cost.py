@@ -74,6 +74,7 @@ from transformers.integrations import HfDeepSpeedConfig
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.distributed import exit_process, free_port, get_world_size_and_rank, init_distributed, log
+from subzero_ds.methods.sparse_mezo import SparseDirection
 
 RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
 
@@ -460,9 +461,12 @@ def two_forwards(model: torch.nn.Module, batch: Batch) -> None:
 def direction_pass(engine: subzero_ds.SubZeroEngine) -> None:
     """Generate this rank's slice of the current direction once, for every shard (into a scratch buffer)."""
     direction, step = engine.optimizer.direction, engine.global_step
+    reads_theta = isinstance(direction, SparseDirection)  # S-MeZO's mask is a function of θ: it must read it
     for shard in engine.shards:
         scratch = torch.empty(shard.local_numel, dtype=torch.float32, device=shard.device)
-        direction.apply_(scratch, scratch, shard.name, shard.shape, step, shard.start, beta=0.0, alpha=1.0)
+        with shard.swapped_in() as local:
+            source, beta = (local.float(), 1.0) if reads_theta else (scratch, 0.0)
+            direction.apply_(scratch, source, shard.name, shard.shape, step, shard.start, beta=beta, alpha=1.0)
 
 
 def synchronize() -> None:
