@@ -464,9 +464,11 @@ def direction_pass(engine: subzero_ds.SubZeroEngine) -> None:
     reads_theta = isinstance(direction, SparseDirection)  # S-MeZO's mask is a function of θ: it must read it
     for shard in engine.shards:
         scratch = torch.empty(shard.local_numel, dtype=torch.float32, device=shard.device)
-        with shard.swapped_in() as local:
-            source, beta = (local.float(), 1.0) if reads_theta else (scratch, 0.0)
-            direction.apply_(scratch, source, shard.name, shard.shape, step, shard.start, beta=beta, alpha=1.0)
+        if reads_theta:  # only then: swapping an NVMe shard in is no part of generating the others' directions
+            with shard.swapped_in() as local:
+                direction.apply_(scratch, local.float(), shard.name, shard.shape, step, shard.start, beta=1.0, alpha=1.0)
+        else:
+            direction.apply_(scratch, scratch, shard.name, shard.shape, step, shard.start, beta=0.0, alpha=1.0)
 
 
 def synchronize() -> None:

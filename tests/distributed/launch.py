@@ -52,31 +52,31 @@ def run_ranks(nprocs: int, args: tuple[str, ...], env: dict[str, str], timeout: 
     """``nprocs`` ranks of ``python ARGS`` on this host, stopped together as a launcher stops them: when one
     exits non-zero the others are killed. Returns the first failing rank's code (else 0) and every
     rank's output, rank by rank."""
+    command = [sys.executable, *args]
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nprocs),
                   "LOCAL_WORLD_SIZE": str(nprocs)}
     with tempfile.TemporaryDirectory() as scratch:
-        logs = [(open(Path(scratch, f"{rank}.out"), "w+"), open(Path(scratch, f"{rank}.err"), "w+"))
-                for rank in range(nprocs)]
-        ranks = [subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=out, stderr=err, text=True,
-                                  env={**env, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-                 for rank, (out, err) in enumerate(logs)]
-        deadline, failed = time.monotonic() + timeout, None
+        logs = [(Path(scratch, f"{rank}.out"), Path(scratch, f"{rank}.err")) for rank in range(nprocs)]
+        ranks = []
+        for rank, (out, err) in enumerate(logs):
+            with open(out, "w") as stdout, open(err, "w") as stderr:  # the child keeps its own copies
+                ranks.append(subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr,
+                                              env={**env, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        deadline = time.monotonic() + timeout
         try:
-            while any(p.poll() is None for p in ranks) and failed is None:
+            while True:
+                codes = [p.poll() for p in ranks]
+                failed = next((code for code in codes if code not in (None, 0)), None)
+                if failed is not None or None not in codes:
+                    break
                 if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
-                failed = next((p.returncode for p in ranks if p.returncode not in (None, 0)), None)
+                    raise subprocess.TimeoutExpired(command, timeout)
                 time.sleep(0.1)
         finally:
             for p in ranks:
                 if p.poll() is None:
                     p.kill()
                 p.wait()
-        failed = next((p.returncode for p in ranks if p.returncode != 0), 0) if failed is None else failed
-        outputs = []
-        for out, err in logs:
-            out.seek(0), err.seek(0)
-            outputs.append((out.read(), err.read()))
-            out.close(), err.close()
-    return subprocess.CompletedProcess([sys.executable, *args], failed, "".join(o for o, _ in outputs),
-                                       "".join(e for _, e in outputs))
+        stdout = "".join(out.read_text() for out, _ in logs)
+        stderr = "".join(err.read_text() for _, err in logs)
+    return subprocess.CompletedProcess(command, failed or 0, stdout, stderr)

@@ -2,7 +2,6 @@
 
 mpirun runs the same cases in test_two_nodes.py (two nodes, a hostfile) against the same 1-rank reference."""
 
-
 import pytest
 import torch
 

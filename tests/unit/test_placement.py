@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from subzero_ds import distributed
+from subzero_ds import distributed, methods
 from subzero_ds.data import candidate_scores, classification_loss
 from subzero_ds.fused import FusedPass
-from subzero_ds import methods
 from subzero_ds.config import Reshape, SubZeroConfig, UpdateRounding
 from subzero_ds.methods.base import UpdateStep
 from subzero_ds.methods.mezo import GaussianDirection
@@ -106,8 +105,8 @@ METHODS = {
 }
 
 
-def method_of(name: str, **extra) -> "methods.ZOMethod":
-    settings = SubZeroConfig.model_validate({"seed": 1, "weight_decay": 0.1, **METHODS[name], **extra})
+def method_of(name: str) -> methods.ZOMethod:
+    settings = SubZeroConfig.model_validate({"seed": 1, "weight_decay": 0.1, **METHODS[name]})
     return methods.build(settings, reshape=settings.reshape is Reshape.ALWAYS)
 
 
