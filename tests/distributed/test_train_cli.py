@@ -3,7 +3,6 @@
 import csv
 import glob
 import json
-import math
 import re
 import shutil
 import string
@@ -281,52 +280,15 @@ def test_drop_is_scored_by_token_f1_and_exact_match_of_the_greedy_answers(worksp
         assert scores["f1"] == pytest.approx(f1, abs=1e-9) and scores["exact_match"] == pytest.approx(em, abs=1e-9)
 
 
-@pytest.mark.parametrize("change,fragment", [
-    (("--task", "nosuchtask"), "nosuchtask"),
-    (("--train_file", "/no/such/file.tsv"), "/no/such/file.tsv"),
-    (("--model_name_or_path", "/no/such/model"), "/no/such/model"),
-])
-def test_bad_arguments_give_a_clear_error(workspace, tmp_path, change, fragment):
-    command = list(train_command(workspace, "llama", tmp_path))
-    flag = command.index(change[0])
-    command[flag + 1] = change[1]
-    finished = run("python", 1, *command)
-    assert finished.returncode == 2, finished.stderr[-2000:]
-    assert fragment in finished.stderr and "Traceback" not in finished.stderr
-
-
-def test_a_bad_data_row_is_reported_with_file_row_and_field(workspace, tmp_path):
-    bad = tmp_path / "bad.tsv"
-    bad.write_text("sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
-    command = list(train_command(workspace, "llama", tmp_path))
-    command[command.index("--train_file") + 1] = str(bad)
-    finished = run("python", 1, *command)
-    assert finished.returncode == 2 and "Traceback" not in finished.stderr
-    for fragment in [str(bad), "maybe", "label"]:
-        assert fragment in finished.stderr, (fragment, finished.stderr[-1500:])
-
-
-def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
-    config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 1}, "subzero": {"lr": -1, "eps": 0}}))
-    finished = run("python", 1, "-m", "subzero_ds.train", "--deepspeed_config", str(config), "--max_steps", "2")
-    assert finished.returncode == 2
-    assert "Traceback" not in finished.stderr
-    for fragment in [str(config), "`subzero.lr`", "`subzero.eps`", "`zero_optimization.stage` is 1"]:
-        assert fragment in finished.stderr, fragment
-
-
-def test_cli_reports_a_missing_config_file(tmp_path):
-    finished = run("python", 1, "-m", "subzero_ds.train", "--deepspeed_config", str(tmp_path / "missing.json"))
-    assert finished.returncode == 2 and "does not exist" in finished.stderr and "Traceback" not in finished.stderr
-
-
 def test_lora_on_two_ranks_saves_a_peft_adapter_and_a_merged_model(workspace, tmp_path):
+    """Also: the launched ranks leave none of DeepSpeed's shared-memory allreduce buffers behind."""
     from peft import PeftModel
 
+    shared_memory = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     finished = run("deepspeed", 2, *train_command(workspace, "llama", tmp_path, "--tuning", "lora",
                                                     "--merge_adapter", "--train_as_classification"))
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shared_memory
     assert_complete_outputs(tmp_path, workspace / "llama", workspace / "dev.tsv")
     final = tmp_path / "final"
     assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
@@ -357,10 +319,3 @@ def test_prompt_tuning_scores_candidates_after_the_virtual_tokens(workspace, tmp
     ignored = last_batch_classification_loss(workspace, tmp_path, model, False, offset=0)
     assert logged == pytest.approx(after, abs=5e-3)  # measured gap 3e-5
     assert abs(logged - ignored) > 4 * 5e-3  # measured 0.12: the check tells the two readings apart
-
-
-def test_launched_ranks_leave_no_shared_memory_behind(workspace, tmp_path):
-    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    finished = run("deepspeed", 2, *train_command(workspace, "opt", tmp_path, "--max_steps", "2"))
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
