@@ -59,6 +59,7 @@ def train_arguments(root: Path, cell: Cell) -> list[str]:
         args["deepspeed_config"] = str(directory / "ds.json")
     if cell.optimizer == "zo":
         args.setdefault("save_steps", max(1, min(cell.steps, 10**9) // 4))
+        args.setdefault("save_total_limit", 1)  # only the newest checkpoint is needed, to continue an interrupted cell
         if any((directory / "run" / "checkpoints").glob("checkpoint-*/manifest.json")):
             args["resume"] = True
     flags = []
