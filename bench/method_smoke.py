@@ -71,7 +71,12 @@ def main() -> None:
     args = parser.parse_args()
     args.data = args.data.resolve()
     with tempfile.TemporaryDirectory() as scratch:
-        runs = [run(method, args, Path(scratch)) for method in args.methods]
+        runs = []
+        for method in args.methods:  # raw results saved after each method, so a cut-short run keeps what finished
+            runs.append(run(method, args, Path(scratch)))
+            args.output.with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
+            args.output.with_suffix(".json").write_text(json.dumps(runs, indent=1))
+            print(f"{method}: done", flush=True)
     windows = range(0, args.steps, 10)
     lines = ["# One real-data smoke run per ZO method (`bench/method_smoke.py`)", "",
              f"SmolLM2-135M-Instruct, full fine-tuning, SST-2 (1000 training sentences, {args.num_eval} validation), "
