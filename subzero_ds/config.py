@@ -279,14 +279,33 @@ def check_deepspeed_accepts(ds_config: Mapping[str, Any], source: str = "the Dee
     except (AssertionError, ValueError, TypeError, KeyError, AttributeError) as e:
         problems = [f"{type(e).__name__}: {_shown(str(e), 300)}"]
     else:
-        return
+        problems = _unsupported_precisions(section)
     finally:
         deepspeed.utils.logger.setLevel(level)
+    if not problems:
+        return
     listing = "\n".join(f"  - {p}" for p in problems)
     raise ConfigError(
         f"DeepSpeed rejects {source}:\n{listing}\nFix these settings "
         "(the keys are described at https://www.deepspeed.ai/docs/config-json/)."
     )
+
+
+def _unsupported_precisions(section: Mapping[str, Any]) -> list[str]:
+    """The half precisions the config enables that this machine's accelerator lacks.
+
+    DeepSpeed checks this only inside ``deepspeed.initialize`` ("Type fp16 is not supported on your
+    device"); a CPU without AVX-512 FP16 (most of them) has bf16 but not fp16.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported(), "bf16": accelerator.is_bf16_supported()}
+    other = {"fp16": "bf16", "bf16": "fp16"}
+    return [f"`{key}.enabled`: this machine's {accelerator.device_name()} accelerator does not support {key}, got true. "
+            f"Train in fp32 (remove the \"{key}\" block) or set \"{other[key]}\": {{\"enabled\": true}} if it supports that."
+            for key in ("fp16", "bf16")
+            if not supported[key] and isinstance(section.get(key), Mapping) and section[key].get("enabled") is True]
 
 
 # Titles of DeepSpeed's pydantic config models -> the config key each one reads.

@@ -1,5 +1,8 @@
-"""The checkpoint CLI end to end: --save_total_limit, fp16 training, and subzero-export with
---base_model and --merge (tiny LLaMA, a few steps)."""
+"""The checkpoint CLI end to end: --save_total_limit, half-precision training, and subzero-export with
+--base_model and --merge (tiny LLaMA, a few steps).
+
+Half precision is fp16 where DeepSpeed's accelerator supports it (GPUs, CPUs with AVX-512 FP16) and
+bf16 elsewhere; DeepSpeed refuses fp16 on a CPU without it."""
 
 import json
 import shutil
@@ -7,6 +10,7 @@ import subprocess
 
 import pytest
 import torch
+from deepspeed.accelerator import get_accelerator
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -17,6 +21,8 @@ from subzero_ds.demo import save_tiny_pretrained
 pytestmark = pytest.mark.distributed
 ROWS = [("a great and moving film", 1), ("wonderful acting", 1), ("a dull mess", 0), ("terrible acting", 0)]
 STEPS = 4
+HALF = "fp16" if get_accelerator().is_fp16_supported() else "bf16"
+HALF_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}[HALF]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +45,10 @@ def train_command(workspace, base, output, config, *extra):
 
 
 @pytest.fixture(scope="module")
-def fp16_run(workspace):
-    """Full fine-tuning in fp16 on 2 ranks, a checkpoint every step, the newest 2 kept; then its base model moves."""
-    output = workspace / "fp16"
-    config = {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+def half_run(workspace):
+    """Full fine-tuning in half precision on 2 ranks, a checkpoint every step, the newest 2 kept; then its base model moves."""
+    output = workspace / HALF
+    config = {"train_micro_batch_size_per_gpu": 2, HALF: {"enabled": True}, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "subzero": {"lr": 1e-3, "eps": 1e-2, "rank": 4, "seed": 1}}
     finished = run("ranks", 2, *train_command(workspace, "base-full", output, config, "--save_steps", "1",
                                                     "--save_total_limit", "2"))
@@ -62,27 +68,27 @@ def lora_run(workspace):
     return output
 
 
-def test_save_total_limit_keeps_the_newest_checkpoints(fp16_run):
-    kept = sorted(p.name for p in (fp16_run / "checkpoints").iterdir())
+def test_save_total_limit_keeps_the_newest_checkpoints(half_run):
+    kept = sorted(p.name for p in (half_run / "checkpoints").iterdir())
     assert kept == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]  # no older one, no partial directory
-    manifest = json.loads((fp16_run / "checkpoints" / f"checkpoint-{STEPS}" / "manifest.json").read_text())
+    manifest = json.loads((half_run / "checkpoints" / f"checkpoint-{STEPS}" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and len(manifest["files"]) == 2
 
 
-def test_fp16_trains_end_to_end(fp16_run, workspace):
-    rows = [json.loads(line) for line in (fp16_run / "metrics.jsonl").read_text().splitlines()]
+def test_half_precision_trains_end_to_end(half_run, workspace):
+    rows = [json.loads(line) for line in (half_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss" in r]
     assert [r["step"] for r in losses] == list(range(1, STEPS + 1)) and not any(r["skipped"] for r in losses)
     assert all(r["loss_pos"] != r["loss_neg"] for r in losses)
-    final = load_file(fp16_run / "final" / "model.safetensors")
-    assert {t.dtype for t in final.values()} == {torch.float16}
+    final = load_file(half_run / "final" / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {HALF_DTYPE}
     base = AutoModelForCausalLM.from_pretrained(workspace / "base-moved").state_dict()
-    assert max((final[k].float() - base[k]).abs().max().item() for k in final) > 1e-3  # it trained, in fp16
-    assert AutoModelForCausalLM.from_pretrained(fp16_run / "final").dtype == torch.float16
+    assert max((final[k].float() - base[k]).abs().max().item() for k in final) > 1e-3  # it trained, in half precision
+    assert AutoModelForCausalLM.from_pretrained(half_run / "final").dtype == HALF_DTYPE
 
 
-def test_export_needs_base_model_once_the_recorded_one_is_gone(fp16_run, workspace, tmp_path):
-    checkpoint = fp16_run / "checkpoints" / f"checkpoint-{STEPS}"
+def test_export_needs_base_model_once_the_recorded_one_is_gone(half_run, workspace, tmp_path):
+    checkpoint = half_run / "checkpoints" / f"checkpoint-{STEPS}"
     finished = subprocess.run([str(BIN / "subzero-export"), str(checkpoint), str(tmp_path / "hf")], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr[-2000:]
@@ -90,8 +96,8 @@ def test_export_needs_base_model_once_the_recorded_one_is_gone(fp16_run, workspa
         assert fragment in finished.stderr, (fragment, finished.stderr[-2000:])
     assert not (tmp_path / "hf").exists()
 
-    export_main([str(fp16_run / "checkpoints"), str(tmp_path / "hf"), "--base_model", str(workspace / "base-moved")])
-    exported, final = load_file(tmp_path / "hf" / "model.safetensors"), load_file(fp16_run / "final" / "model.safetensors")
+    export_main([str(half_run / "checkpoints"), str(tmp_path / "hf"), "--base_model", str(workspace / "base-moved")])
+    exported, final = load_file(tmp_path / "hf" / "model.safetensors"), load_file(half_run / "final" / "model.safetensors")
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k], final[k]) for k in final)  # the newest checkpoint is the final model
 

@@ -172,6 +172,17 @@ def test_deepspeed_settings_deepspeed_itself_rejects_are_reported(config, fragme
     assert fragment in str(caught.value)
 
 
+def test_a_half_precision_the_accelerator_lacks_is_reported_before_anything_loads(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    with pytest.raises(ConfigError, match="DeepSpeed rejects ds.json") as caught:
+        check_deepspeed_accepts({"fp16": {"enabled": True}}, "ds.json")
+    assert "`fp16.enabled`" in str(caught.value) and "does not support fp16" in str(caught.value)
+    assert '"bf16": {"enabled": true}' in str(caught.value)
+    check_deepspeed_accepts({"fp16": {"enabled": False}}, "ds.json")  # disabled: nothing to report
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_config_passes_deepspeeds_parser(path):
     check_deepspeed_accepts(load_ds_config(path), str(path))
