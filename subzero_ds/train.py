@@ -408,6 +408,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # Forward passes per micro-batch and step: the method's probes (a first-order step: 1 forward + its backward).
     forwards = 1 if first_order else len(engine.estimator.probes())
     started = time.perf_counter()
+    # Training seconds before this run, so a resumed run reports its whole cost; a checkpoint from before
+    # the field existed has None, and the total is then estimated from this run's rate (and says so).
+    seconds_before = resumed.get("train_seconds") if resumed is not None else 0.0
     window_start, window_tokens = started, 0
     last_step = args.max_steps
     for step in range(first_step, args.max_steps + 1):
@@ -434,13 +437,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             scores = evaluate(dev_samples or eval_samples)
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in scores.items()}})
         if args.save_steps and step % args.save_steps == 0:
-            engine.save_checkpoint(checkpoints, extra=saved_state, keep_last=args.save_total_limit)
+            elapsed = None if seconds_before is None else seconds_before + time.perf_counter() - started
+            engine.save_checkpoint(checkpoints, extra={**saved_state, "train_seconds": elapsed},
+                                   keep_last=args.save_total_limit)
         if out_of_time:
             log(f"--max_train_seconds {args.max_train_seconds:g} reached after step {step}")
             break
     progress.close()
-    train_seconds = time.perf_counter() - started
-    trained_steps = max(1, last_step - first_step + 1)
+    trained_steps = max(1, last_step - first_step + 1)  # in this run
+    run_seconds = time.perf_counter() - started
+    estimated = seconds_before is None
+    train_seconds = run_seconds * last_step / trained_steps if estimated else seconds_before + run_seconds
 
     final = evaluate(eval_samples)
     metrics.write({"step": last_step, **{f"eval_{k}": v for k, v in final.items()}})
@@ -451,7 +458,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             tokenizer.save_pretrained(args.output_dir / "final" / "merged")
     results = {"task": task.name, "model": args.model_name_or_path, "world_size": world_size, "optimizer": kind,
                "steps": last_step, "num_eval": len(eval_samples), "zero_shot": zero_shot, "final": final,
-               "train_seconds": train_seconds, "trained_steps": trained_steps, **peak_memory(engine.device)}
+               "train_seconds": train_seconds, "trained_steps": trained_steps, "resumed_at_step": first_step - 1,
+               **({"train_seconds_estimated": True} if estimated else {}), **peak_memory(engine.device)}
     if is_main_process():
         tokenizer.save_pretrained(args.output_dir / "final")
         (args.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
@@ -517,7 +525,7 @@ def _print_summary(results: dict[str, Any], metric: str) -> None:
             ("steps", f"{results['steps']} ({results['optimizer']})"), ("eval examples", results["num_eval"]),
             (f"zero-shot {metric}", f"{results['zero_shot'][metric]:.4f}"),
             (f"final {metric}", f"{results['final'][metric]:.4f}"),
-            ("train time", f"{results['train_seconds']:.0f} s ({results['train_seconds'] / results['trained_steps']:.2f} s/step)")]
+            ("train time", f"{results['train_seconds']:.0f} s ({results['train_seconds'] / results['steps']:.2f} s/step)")]
     width = max(len(k) for k, _ in rows)
     log("\n".join(["", "=" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows] + ["=" * (width + 30)]))
 

@@ -50,7 +50,7 @@ def collect(root: Path) -> tuple[Any, Any]:
         metric = next(iter(results["final"]))  # the task's metric (accuracy, f1 …)
         base = {"cell": cell.hash, "task": cell.task, "method": cell.method, "seed": cell.seed,
                 "lr": cell.lr if cell.lr is not None else float("nan"), "batch_size": cell.batch_size}
-        steps = results["trained_steps"]
+        steps = results["steps"]  # the last step; train_seconds covers all of them, across resumes
         rows.append({**base, "metric": metric, "value": results["final"][metric],
                      "zero_shot": results["zero_shot"][metric], "steps": steps,
                      "forwards": steps * cell.forwards_per_step, "train_seconds": results["train_seconds"],

@@ -97,6 +97,11 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(workspace, uninterrupted):
                                rtol=1e-5, atol=1e-6)
     reference, resumed = final_weights(uninterrupted), final_weights(output)
     assert max((reference[k] - resumed[k]).abs().max().item() for k in reference) <= 1e-5
+    # The results count the whole run's training time: the checkpoint's 30 steps plus this run's 10.
+    before = json.loads((checkpoint / "manifest.json").read_text())["extra"]["train_seconds"]
+    results = json.loads((output / "eval_results.json").read_text())
+    assert (results["steps"], results["trained_steps"], results["resumed_at_step"]) == (STEPS, SAVE_EVERY, STEPS - SAVE_EVERY)
+    assert before > 0 and results["train_seconds"] > before and "train_seconds_estimated" not in results
 
 
 def test_resume_with_other_data_is_refused(workspace, uninterrupted):

@@ -115,7 +115,7 @@ def fake_cells(root: Path, values: dict[str, list[float]], task: str = "sst2") -
         run = cell_dir(root, cell) / "run"
         run.mkdir(exist_ok=True)
         value = values[cell.method][cell.seed]
-        results = {"final": {"accuracy": value}, "zero_shot": {"accuracy": 0.5}, "trained_steps": cell.steps,
+        results = {"final": {"accuracy": value}, "zero_shot": {"accuracy": 0.5}, "steps": cell.steps,
                    "train_seconds": 10.0 * cell.steps, "peak_rss_mib": 1000.0 + 10 * len(cell.method)}
         (run / "eval_results.json").write_text(json.dumps(results))
         rows = [{"step": 0, "eval_accuracy": 0.5}, {"step": cell.steps // 2, "eval_accuracy": (0.5 + value) / 2},
