@@ -54,6 +54,7 @@ def collect(root: Path) -> tuple[Any, Any]:
         rows.append({**base, "metric": metric, "value": results["final"][metric],
                      "zero_shot": results["zero_shot"][metric], "steps": steps,
                      "forwards": steps * cell.forwards_per_step, "train_seconds": results["train_seconds"],
+                     "train_seconds_estimated": bool(results.get("train_seconds_estimated", False)),
                      "peak_rss_mib": results.get("peak_rss_mib", float("nan")),
                      "peak_gpu_mib": results.get("peak_gpu_mib", float("nan"))})
         seconds_per_step = results["train_seconds"] / max(1, steps)
@@ -188,6 +189,10 @@ def write_report(root: Path, baseline: str | None = None, expected_cells: int | 
                       "| method | average relative improvement | mean metric | tasks |", "|---|---|---|---|"]
             for method, row in table.iterrows():
                 lines.append(f"| {method} | {row['relative_improvement']:+.2%} | {row['mean']:.4f} | {int(row['tasks'])} |")
+    estimated = cells.loc[cells["train_seconds_estimated"], "cell"].tolist()
+    if estimated:
+        lines += ["", f"Training seconds estimated for {', '.join(estimated)}: resumed from a checkpoint that did not "
+                  "record the time before it, so the total is the resumed run's rate × steps."]
     figures = plots(cells, curves, out)
     lines += ["", "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in figures) + "."]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -157,6 +157,15 @@ def test_a_partial_sweep_reports_what_finished(tmp_path):
     assert "5 of 6 cells finished" in write_report(tmp_path, expected_cells=6).read_text()
 
 
+def test_a_cell_resumed_from_an_old_checkpoint_is_flagged_as_estimated_time(tmp_path):
+    fake_cells(tmp_path, {"mezo": [0.70, 0.72, 0.74], "subzero": [0.80, 0.82, 0.84]})
+    resumed = next((tmp_path / "cells").glob("*/run/eval_results.json"))
+    resumed.write_text(json.dumps({**json.loads(resumed.read_text()), "train_seconds_estimated": True}))
+    report = write_report(tmp_path).read_text()
+    assert f"Training seconds estimated for {resumed.parent.parent.name}:" in report
+    assert report.count("estimated for") == 1
+
+
 TEXTS = ["a great and moving film", "a dull and boring mess", "the best movie this year", "the worst movie this year"]
 
 
