@@ -164,15 +164,16 @@ def forwards_per_step(sweep: Sweep, method: MethodSpec) -> float:
 
 
 def expand(sweep: Sweep) -> list[Cell]:
-    """Every cell of the grid, in a stable order (method, task, lr, batch, seed).
+    """Every cell of the grid, in a stable order: seed outermost, then method, task, lr, batch — so a
+    sweep cut short has every method on its first seeds, not all seeds of the first methods.
 
     Raises:
         ConfigError: a global batch that does not divide over the ranks.
     """
     tasks = sweep.grid.tasks or [TaskSpec(task=str(sweep.args.get("task", "sst2")))]
     cells = []
-    for (name, method), task, lr, batch, seed in itertools.product(
-            sweep.grid.methods.items(), tasks, sweep.grid.lrs or [None], sweep.grid.batch_sizes, sweep.grid.seeds):
+    for seed, (name, method), task, lr, batch in itertools.product(
+            sweep.grid.seeds, sweep.grid.methods.items(), tasks, sweep.grid.lrs or [None], sweep.grid.batch_sizes):
         if batch % sweep.launcher.ranks:
             raise ConfigError(f"`grid.batch_sizes` has {batch}, which does not divide over `launcher.ranks` = "
                               f"{sweep.launcher.ranks}: use a multiple of {sweep.launcher.ranks}.")

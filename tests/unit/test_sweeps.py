@@ -35,6 +35,8 @@ def test_the_grid_expands_to_every_combination_with_stable_distinct_hashes():
     cells = expand(sweep())
     assert len(cells) == 5 * 2 * 2
     assert len({c.hash for c in cells}) == len(cells)
+    first_seed = cells[: len(cells) // 2]  # seed-major: a sweep cut short has every method on seed 0
+    assert {c.seed for c in first_seed} == {cells[0].seed} and {c.method for c in first_seed} == {c.method for c in cells}
     assert [c.hash for c in expand(sweep())] == [c.hash for c in cells]  # stable across processes and runs
     changed = expand(sweep(deepspeed={"zero_optimization": {"stage": 3}, "subzero": {"lr": 2e-5}}))
     assert not {c.hash for c in changed if c.optimizer == "zo"} & {c.hash for c in cells}
