@@ -10,7 +10,7 @@ import pytest
 
 from subzero_ds.config import ConfigError
 from subzero_ds.sweeps import expand, load_sweep
-from subzero_ds.sweeps.report import group_statistics, relative_improvement, write_report
+from subzero_ds.sweeps.report import collect, group_statistics, relative_improvement, write_report
 from subzero_ds.sweeps.runner import cell_dir, prepare, run_local, train_arguments, write_slurm
 from subzero_ds.sweeps.spec import Sweep
 
@@ -166,6 +166,12 @@ def test_a_cell_resumed_from_an_old_checkpoint_is_flagged_as_estimated_time(tmp_
     report = write_report(tmp_path).read_text()
     assert f"Training seconds estimated for {resumed.parent.parent.name}:" in report
     assert report.count("estimated for") == 1
+    older = json.loads(resumed.read_text())  # an older run's results: no resumed_at_step, 1/4 of the steps timed
+    older.pop("train_seconds_estimated")
+    resumed.write_text(json.dumps({**older, "trained_steps": older["steps"] // 4}))
+    cells, _ = collect(tmp_path)
+    row = cells[cells["cell"] == resumed.parent.parent.name].iloc[0]
+    assert row["train_seconds_estimated"] and row["train_seconds"] == 4 * older["train_seconds"]
 
 
 TEXTS = ["a great and moving film", "a dull and boring mess", "the best movie this year", "the worst movie this year"]
