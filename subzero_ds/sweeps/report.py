@@ -51,18 +51,17 @@ def collect(root: Path) -> tuple[Any, Any]:
         base = {"cell": cell.hash, "task": cell.task, "method": cell.method, "seed": cell.seed,
                 "lr": cell.lr if cell.lr is not None else float("nan"), "batch_size": cell.batch_size}
         steps = results["steps"]  # the last step; train_seconds covers all of them, across resumes
-        estimated = bool(results.get("train_seconds_estimated", False))
+        train_seconds, estimated = results["train_seconds"], bool(results.get("train_seconds_estimated", False))
         if "resumed_at_step" not in results and results.get("trained_steps", steps) < steps:
             # Written before runs recorded their time across resumes: only the last run's seconds are known.
-            results["train_seconds"] *= steps / results["trained_steps"]
-            estimated = True
+            train_seconds, estimated = train_seconds * steps / results["trained_steps"], True
         rows.append({**base, "metric": metric, "value": results["final"][metric],
                      "zero_shot": results["zero_shot"][metric], "steps": steps,
-                     "forwards": steps * cell.forwards_per_step, "train_seconds": results["train_seconds"],
+                     "forwards": steps * cell.forwards_per_step, "train_seconds": train_seconds,
                      "train_seconds_estimated": estimated,
                      "peak_rss_mib": results.get("peak_rss_mib", float("nan")),
                      "peak_gpu_mib": results.get("peak_gpu_mib", float("nan"))})
-        seconds_per_step = results["train_seconds"] / max(1, steps)
+        seconds_per_step = train_seconds / max(1, steps)
         for line in (run / "metrics.jsonl").read_text().splitlines():
             entry = json.loads(line)
             if f"eval_{metric}" in entry:
