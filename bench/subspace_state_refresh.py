@@ -4,7 +4,7 @@ Run from the repository root (one process, ~2 min on 2 cores):
 
     .venv/bin/python bench/subspace_state_refresh.py
 
-The tiny LLaMA of subzero_ds.demo fitting one fixed batch of 8 sequences of its next-token
+The tiny LLaMA of tests/helpers/tiny.py fitting one fixed batch of 8 sequences of its next-token
 pattern task (an optimization problem: how fast the loss falls), SubZero r = 4 with a refresh every 10 steps (so that refreshes happen often), for
 ``--steps`` steps, for each update rule (momentum, Adam) × {reset, project} × ``--seeds`` run
 seeds. Reports the mean training loss of the last 20 steps (mean ± std over seeds) and of windows
@@ -14,6 +14,7 @@ of the run. Writes ``--output`` (default ``bench/results/subspace_state_refresh.
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 import subzero_ds
-from subzero_ds.demo import pattern_batch, tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny models
+from helpers.tiny import pattern_batch, tiny_model  # noqa: E402
 
 SETTINGS = {"momentum": {"update": "momentum", "momentum": 0.9, "lr": 5e-4},
             "adam": {"update": "adam", "lr": 2e-3}}

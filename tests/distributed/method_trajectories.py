@@ -11,7 +11,7 @@ import argparse
 import torch
 
 import subzero_ds
-from subzero_ds.demo import pattern_batch, rank_slice, tiny_model
+from helpers.tiny import pattern_batch, rank_slice, tiny_model
 from subzero_ds.distributed import exit_process, get_world_size_and_rank, init_distributed
 from subzero_ds.export import iter_full_state
 

@@ -35,7 +35,7 @@ def two_ranks_architectures(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_follow_the_one_rank_trajectory(one_rank_architectures, two_ranks_architectures, case):
-    from subzero_ds.demo import tiny_model
+    from helpers.tiny import tiny_model
 
     reference = one_rank_architectures[case]
     assert len(reference["losses"]) == STEPS
@@ -46,7 +46,7 @@ def test_two_ranks_follow_the_one_rank_trajectory(one_rank_architectures, two_ra
 
 @pytest.fixture(scope="module")
 def load_measurements(tmp_path_factory):
-    from subzero_ds.demo import save_tiny_pretrained
+    from helpers.tiny import save_tiny_pretrained
 
     root = tmp_path_factory.mktemp("load")
     rows = ["a great film\t1", "a dull film\t0"] * 4

@@ -28,7 +28,7 @@ def test_ranks_with_different_models_are_stopped_at_initialize(tmp_path):
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
 def test_ranks_reading_different_training_data_are_stopped(tmp_path):
-    from subzero_ds.demo import save_tiny_pretrained
+    from helpers.tiny import save_tiny_pretrained
 
     rows = [("a great film", 1), ("a fine story", 1), ("a dull mess", 0), ("a bad story", 0)] * 4
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))

@@ -35,7 +35,7 @@ def test_two_ranks_follow_the_one_rank_trajectory(one_rank, two_ranks_deepspeed,
 
 
 def test_training_moved_the_weights(one_rank):
-    from subzero_ds.demo import tiny_model
+    from helpers.tiny import tiny_model
 
     initial = tiny_model("opt").state_dict()
     trained = one_rank["opt-zero3-subzero"]["state"]
@@ -43,7 +43,7 @@ def test_training_moved_the_weights(one_rank):
 
 
 def test_lora_moves_only_the_adapter(two_ranks_deepspeed):
-    from subzero_ds.demo import tiny_model
+    from helpers.tiny import tiny_model
 
     initial = tiny_model("llama").state_dict()
     trained = two_ranks_deepspeed["llama-zero3-subzero-lora"]["state"]

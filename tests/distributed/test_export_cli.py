@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launch import BIN, REPO, run
 from subzero_ds.checkpoint_export import main as export_main
-from subzero_ds.demo import save_tiny_pretrained
+from helpers.tiny import save_tiny_pretrained
 
 pytestmark = pytest.mark.distributed
 ROWS = [("a great and moving film", 1), ("wonderful acting", 1), ("a dull mess", 0), ("terrible acting", 0)]

@@ -8,7 +8,7 @@ from launch import run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from subzero_ds.demo import save_tiny_pretrained
+from helpers.tiny import save_tiny_pretrained
 
 pytestmark = pytest.mark.distributed
 TEXTS = ["a great and moving film", "a dull and boring mess", "the best movie this year", "the worst movie this year",

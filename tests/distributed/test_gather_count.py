@@ -74,7 +74,7 @@ class GatherCounter:
 def count_steps(fused: bool) -> dict:
     """This rank's gather counts over ``STEPS`` steps after a first, tracing one."""
     import subzero_ds
-    from subzero_ds.demo import pattern_batch, rank_slice, tiny_model
+    from helpers.tiny import pattern_batch, rank_slice, tiny_model
     from subzero_ds.distributed import get_world_size_and_rank
 
     config = {"train_micro_batch_size_per_gpu": 2,

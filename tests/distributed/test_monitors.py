@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from launch import run
-from subzero_ds.demo import save_tiny_pretrained
+from helpers.tiny import save_tiny_pretrained
 from test_train_cli import NEGATIVE, POSITIVE, read_metrics, train_command
 
 pytestmark = pytest.mark.distributed

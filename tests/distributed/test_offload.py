@@ -78,7 +78,7 @@ def test_nvme_offload_follows_the_in_memory_trajectory(in_memory, tmp_path):
     assert len(swap_files) >= 2 * 2, sorted(str(f) for f in nvme.rglob("*"))
     assert_same_trajectories(in_memory, offloaded, "nvme")
     # Edits of swapped shards were written back: the swapped matrices moved, not only the rest.
-    from subzero_ds.demo import tiny_model
+    from helpers.tiny import tiny_model
 
     for case in CASES:
         arch = case.split("-")[0]
@@ -91,7 +91,7 @@ def test_nvme_offload_follows_the_in_memory_trajectory(in_memory, tmp_path):
 def main() -> None:
     """trajectory.py with the tiny models' vocabulary raised to :data:`VOCAB`."""
     import trajectory
-    from subzero_ds.demo import tiny_model
+    from helpers.tiny import tiny_model
 
     trajectory.tiny_model = functools.partial(tiny_model, vocab=VOCAB)
     trajectory.main()

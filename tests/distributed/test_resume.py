@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch import REPO, RENDEZVOUS_VARIABLES, launcher_command, run
-from subzero_ds.demo import save_tiny_pretrained
+from helpers.tiny import save_tiny_pretrained
 
 pytestmark = pytest.mark.distributed
 STEPS, SAVE_EVERY = 40, 10

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from launch import run
-from subzero_ds.demo import save_tiny_pretrained
+from helpers.tiny import save_tiny_pretrained
 
 pytestmark = pytest.mark.distributed
 

@@ -32,7 +32,7 @@ EXAMPLE = "examples/trainer_superglue.py"
 
 @pytest.fixture(scope="module")
 def superglue(tmp_path_factory):
-    from subzero_ds.demo import save_tiny_pretrained
+    from helpers.tiny import save_tiny_pretrained
 
     root = tmp_path_factory.mktemp("superglue")
     pairs = [("good", "good"), ("bad", "good"), ("long", "long"), ("fine", "bad")] * 4

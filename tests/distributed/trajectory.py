@@ -14,7 +14,7 @@ import torch
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.config import ConfigError
-from subzero_ds.demo import pattern_batch, rank_slice, tiny_model
+from helpers.tiny import pattern_batch, rank_slice, tiny_model
 from subzero_ds.distributed import get_world_size_and_rank
 from subzero_ds.export import iter_full_state
 

@@ -39,7 +39,7 @@ def make_config(fused: bool = False, method: str = "subzero", lr: float = 1e-4, 
 
 def run(config: dict, steps: int, arch: str = "llama"):
     import subzero_ds
-    from subzero_ds.demo import pattern_batch, tiny_model
+    from helpers.tiny import pattern_batch, tiny_model
     from subzero_ds.export import iter_full_state
 
     engine = subzero_ds.initialize(model=tiny_model(arch), config=config)
@@ -73,7 +73,7 @@ def test_a_step_keeps_everything_on_the_gpu(fused, bf16):
     """Shards and backups on the GPU, and a whole step moves at most a few scalars between host and GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    from subzero_ds.demo import pattern_batch
+    from helpers.tiny import pattern_batch
 
     engine, _, _ = run(make_config(fused=fused, bf16=bf16), steps=1)
     assert all(s.device.type == "cuda" for s in engine.shards)
@@ -103,7 +103,7 @@ def test_persistent_copies_stay_bit_identical_to_their_shards():
 @pytest.mark.parametrize("fused", [False, True])
 def test_lr_zero_leaves_bf16_weights_bit_identical(fused):
     import subzero_ds
-    from subzero_ds.demo import tiny_model
+    from helpers.tiny import tiny_model
     from subzero_ds.export import iter_full_state
 
     before = dict(iter_full_state(subzero_ds.initialize(model=tiny_model("llama"), config=make_config(bf16=True)).module))
@@ -155,7 +155,7 @@ TEXTS = ["a great and moving film", "a dull and boring mess", "the best movie th
 def test_the_cli_trains_a_tiny_model_under_zero3(tmp_path, gpus):
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
-    from subzero_ds.demo import save_tiny_pretrained
+    from helpers.tiny import save_tiny_pretrained
     from subzero_ds.distributed import free_port
 
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2 == 0:d}\n"

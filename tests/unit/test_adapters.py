@@ -9,7 +9,7 @@ from peft import PeftModel
 import subzero_ds
 from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter, save_adapter
 from subzero_ds.config import ConfigError
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.export import iter_full_state
 
 

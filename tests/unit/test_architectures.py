@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, RobertaConfig
 
 import subzero_ds
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.export import iter_full_state
 from subzero_ds.train import is_masked_lm, parse_args
 

@@ -593,7 +593,7 @@ def run_cli(*args, launcher=None):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from subzero_ds.demo import save_tiny_pretrained
+    from helpers.tiny import save_tiny_pretrained
 
     path = tmp_path_factory.mktemp("tiny") / "llama"
     save_tiny_pretrained(path, "llama", ["a great film", "a bad film", "It was great terrible"] * 5)

@@ -11,7 +11,7 @@ import torch
 
 import subzero_ds
 from subzero_ds.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.export import iter_full_state
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from subzero_ds.data import SampleEncoder, candidate_batch, candidate_scores, classification_loss, lm_batch
-from subzero_ds.demo import save_tiny_pretrained
+from helpers.tiny import save_tiny_pretrained
 from subzero_ds.tasks import DataError, Sample
 
 TEXTS = ["the movie was great", "the movie was terrible", "a fine film", "it was bad and boring"] * 20

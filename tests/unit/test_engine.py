@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import subzero_ds
 from subzero_ds.config import ConfigError
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.export import iter_full_state
 
 

@@ -25,7 +25,7 @@ import subzero_ds
 from torch import nn
 from torch.func import functional_call
 
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.optimizer import Direction, GaussianDirection, SubspaceDirection
 
 EPS = 1e-3

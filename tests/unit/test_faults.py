@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import subzero_ds
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.engine import NonFiniteLossError
 from subzero_ds.export import iter_full_state
 

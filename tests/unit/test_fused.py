@@ -9,7 +9,7 @@ from transformers import OPTForCausalLM
 
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
-from subzero_ds.demo import pattern_batch, tiny_config, tiny_model
+from helpers.tiny import pattern_batch, tiny_config, tiny_model
 from subzero_ds.export import iter_full_state
 from subzero_ds import fused as fused_module
 from subzero_ds.fused import FusedPassError
@@ -223,7 +223,7 @@ def test_fused_mode_keeps_no_backup_of_the_shards():
 
 def test_the_lm_head_is_computed_and_scored_a_chunk_of_rows_at_a_time(monkeypatch):
     from subzero_ds import loss
-    from subzero_ds.demo import VOCAB
+    from helpers.tiny import VOCAB
 
     monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 5 * VOCAB)
     rows_scored = []

@@ -8,7 +8,7 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from transformers import BatchEncoding, RobertaConfig, RobertaForMaskedLM
 
 from subzero_ds import loss as loss_module
-from subzero_ds.demo import VOCAB, pattern_batch, tiny_model
+from helpers.tiny import VOCAB, pattern_batch, tiny_model
 from subzero_ds.loss import model_loss
 
 

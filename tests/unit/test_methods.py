@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import subzero_ds
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.export import iter_full_state
 from subzero_ds.methods import GaussianDirection, SubspaceDirection
 

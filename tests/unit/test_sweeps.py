@@ -179,7 +179,7 @@ TEXTS = ["a great and moving film", "a dull and boring mess", "the best movie th
 
 def test_a_tiny_sweep_runs_and_an_interrupted_one_continues_without_rerunning(tmp_path):
     """The CPU-sized example: a tiny LLaMA, 2 methods × 2 seeds, 1 rank; then one cell is lost and rerun alone."""
-    from subzero_ds.demo import save_tiny_pretrained
+    from helpers.tiny import save_tiny_pretrained
 
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(TEXTS * 4)))
     save_tiny_pretrained(tmp_path / "llama", "llama", TEXTS * 5 + ["It was great terrible"] * 5)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 
 from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.config import ConfigError
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.export import iter_full_state
 from subzero_ds.integrations import ZOTrainer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import subzero_ds
-from subzero_ds.demo import pattern_batch, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.export import iter_full_state
 
 # Visible decay: lr·λ = 1e-3 of every matrix element per step (~2e-5 for OPT's 0.02 init), 20× the 1e-6 bound.

@@ -1,4 +1,4 @@
-"""Tiny models and a synthetic task, built offline, for the README's demo, the tests and benchmarks.
+"""Tiny models, tokenizers and a synthetic task, built offline, for the tests and benchmarks (not shipped).
 
 ``tiny_model(arch)`` builds a real ``transformers`` causal LM of one of :data:`ARCHITECTURES` (OPT,
 LLaMA, GPT-2, Mistral and Qwen2 code paths) with 2 layers and width 64; the same seed gives the same
