@@ -29,7 +29,7 @@ import torch
 
 import subzero_ds
 from subzero_ds import pretrained
-from subzero_ds.data import SampleEncoder, candidate_batch, candidate_scores, classification_loss
+from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, candidate_scores, classification_loss
 from subzero_ds.tasks import get_task, load_samples
 from subzero_ds.train import TaskBatches
 

@@ -29,7 +29,7 @@ import torch
 
 import subzero_ds
 from subzero_ds.distributed import all_gather_objects, exit_process, get_world_size_and_rank, init_distributed
-from subzero_ds.shards import collect_shards
+from subzero_ds.zero.shards import collect_shards
 
 # hidden, layers, heads, ffn (the published OPT shapes; vocab 50272, 2048 positions)
 OPT_SHAPES = {"125m": (768, 12, 12, 3072), "1.3b": (2048, 24, 32, 8192), "2.7b": (2560, 32, 32, 10240),

@@ -23,11 +23,11 @@ import psutil
 import torch
 
 import subzero_ds
-from subzero_ds.checkpoint import list_checkpoints
+from subzero_ds.checkpoint.sharded import list_checkpoints
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny models
 from helpers.tiny import pattern_batch, rank_slice, tiny_model  # noqa: E402
 from subzero_ds.distributed import all_gather_objects, exit_process, get_world_size_and_rank, init_distributed
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 GLOBAL_BATCH = 8
 

@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
 
-from subzero_ds.data import SampleEncoder
+from subzero_ds.tasks.encoding import SampleEncoder
 from subzero_ds.integrations import ZOTrainer
 from subzero_ds.pretrained import SMOLLM2, materialize_smollm2
 from subzero_ds.tasks import get_task, load_samples

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import ConfigError
 from .distributed import barrier, is_main_process
-from .export import iter_full_state
+from .checkpoint.export import iter_full_state
 
 
 class Tuning(str, Enum):

@@ -13,16 +13,16 @@ from torch import nn
 
 from .config import SubZeroConfig
 from .distributed import log, mean_over_ranks
-from .checkpoint import MANIFEST, CheckpointError, latest_checkpoint, load_sharded, read_manifest, read_range
-from .checkpoint import save_sharded
-from .export import save_hf_weights
+from .checkpoint.sharded import MANIFEST, CheckpointError, latest_checkpoint, load_sharded, read_manifest, read_range
+from .checkpoint.sharded import save_sharded
+from .checkpoint.export import save_hf_weights
 from .fused import FusedPass, half_losses
 from .kernels import GENERATOR
 from .loss import model_loss
 from .methods import Estimator
 from .methods.base import UpdateStep
 from .optimizer import ZOOptimizer
-from .shards import ParamShard
+from .zero.shards import ParamShard
 
 Batch = Mapping[str, Any]
 # Settings a resumed run must share with the checkpoint: they (with the step) define every direction,

@@ -108,6 +108,6 @@ class FirstOrderEngine:
 
     def save_pretrained(self, path) -> None:
         """Full Hugging Face weights (gathered; rank 0 writes). Call on every rank."""
-        from .export import save_hf_weights
+        from .checkpoint.export import save_hf_weights
 
         save_hf_weights(self.module, path)

@@ -48,11 +48,21 @@ from .distributed import log
 from .loss import CHUNKED_LOSS_TYPES, IGNORE_INDEX, language_model_loss, loss_type, no_cache, scores_language_model
 from .loss import summed_cross_entropy, token_targets
 from .optimizer import Direction, LowRank
-from .perturbation import full_fp32_matmuls
-from .shards import ParamShard
+from .zero.shards import ParamShard
 
 
 UPCAST_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per chunk of a half-precision layer input
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls at full precision inside (no TF32 on NVIDIA GPUs, whatever the user enabled)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class FusedPassError(RuntimeError):

@@ -17,8 +17,8 @@ from .distributed import disagreements, get_world_size_and_rank, init_distribute
 from .engine import LossFn, SubZeroEngine
 from . import methods
 from .optimizer import ZOOptimizer
-from .perturbation import stable_seed
-from .shards import collect_shards, partition_for_nvme
+from .seeds import stable_seed
+from .zero.shards import collect_shards, partition_for_nvme
 
 
 def initialize(

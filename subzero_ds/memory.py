@@ -57,7 +57,7 @@ from typing import Any
 
 GiB = 2**30
 
-# Chunk sizes of subzero_ds.perturbation and subzero_ds.loss, repeated here so the planner does not
+# Chunk sizes of subzero_ds.seeds and subzero_ds.loss, repeated here so the planner does not
 # import torch (tests/unit/test_memory.py checks they agree).
 LOSS_CHUNK_ELEMENTS = 1 << 22
 SIDE_PATH_UPCAST_ELEMENTS = 1 << 22  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS

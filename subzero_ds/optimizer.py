@@ -28,8 +28,8 @@ from .methods import ZOMethod
 from .methods.base import Direction, LowRank, StateTensor, UpdateStep, WriteRange  # noqa: F401 - LowRank: fused.py's
 from .methods.mezo import GaussianDirection  # noqa: F401 - re-exported for tests, until their imports move
 from .methods.subzero import SubspaceDirection  # noqa: F401
-from .perturbation import key_of
-from .shards import ParamShard, order_before_gathers
+from .seeds import key_of
+from .zero.shards import ParamShard, order_before_gathers
 
 
 class ZOOptimizer:

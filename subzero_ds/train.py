@@ -31,16 +31,16 @@ from tqdm import tqdm
 
 import subzero_ds
 from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter, is_peft_model, merge_adapter, save_adapter
-from subzero_ds.checkpoint import CheckpointError, latest_checkpoint
+from subzero_ds.checkpoint.sharded import CheckpointError, latest_checkpoint
 from subzero_ds.config import (ConfigError, check_deepspeed_accepts, deepspeed_section, load_ds_config, parse_config,
                                zero_stage)
-from subzero_ds.data import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
+from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
 from subzero_ds.distributed import (barrier, disagreements, exit_process, get_world_size_and_rank, init_distributed,
                                     is_local_main_process, is_main_process, log, sum_over_ranks)
 from subzero_ds.engine import NonFiniteLossError, StepResult
 from subzero_ds.first_order import OPTIMIZER_TYPES, FirstOrderEngine, FirstOrderResult, first_order_config
-from subzero_ds.evaluation import evaluate_task
-from subzero_ds.perturbation import stable_seed
+from subzero_ds.tasks.evaluation import evaluate_task
+from subzero_ds.seeds import stable_seed
 from subzero_ds.tasks import TASK_NAMES, DataError, Sample, TaskKind, find_local_file, get_task, load_samples
 
 DEFAULT_CONFIG = {

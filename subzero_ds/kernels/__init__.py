@@ -11,7 +11,7 @@ A low-rank element is Σ_k U[row, k]·CVᵀ[k, col] summed in increasing k, and 
 library, the device and the shape): so every slice of a direction, on every device, has the bits
 of the same range of the whole. Both are ``torch.library`` custom ops with a kernel per device:
 C++ on the host (``cpu_kernels.cpp``, built on first use), Triton on CUDA (``cuda.py``); any other
-device (and a host without a compiler) runs the torch reference here and in ``philox.py``.
+device (and a host without a compiler) runs the torch reference (``reference.py``, ``philox.py``).
 Under ``FakeTensorMode`` the op only checks that its tensors share one device, as the real kernels
 require.
 """
@@ -19,18 +19,16 @@ require.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
 
-from . import philox
+from . import philox, reference
 from .philox import GENERATOR
 
 __all__ = ["GENERATOR", "apply_", "direction_key", "gaussian", "lowrank_core"]
 
 logger = logging.getLogger("subzero_ds")
-_REFERENCE_CHUNK = 1 << 18  # elements per step of the torch reference (its int64 temporaries)
 
 
 def direction_key(seed: int) -> tuple[int, int]:
@@ -82,7 +80,8 @@ def gaussian(numel: int, key: tuple[int, int], offset: int = 0, device: torch.de
 def _apply(out: torch.Tensor, src: torch.Tensor, dense: Optional[torch.Tensor], u: Optional[torch.Tensor],
            cvt: Optional[torch.Tensor], beta: float, alpha: float, key0: int, key1: int, offset: int, stochastic: bool,
            rkey0: int, rkey1: int) -> None:
-    _reference_apply(out, src, dense, u, cvt, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
+    _check(out, src, dense, u, cvt, offset, stochastic)
+    reference.apply_(out, src, dense, u, cvt, beta, alpha, (key0, key1), offset, (rkey0, rkey1) if stochastic else None)
 
 
 @_apply.register_kernel("cpu")
@@ -90,7 +89,7 @@ def _apply_cpu(out, src, dense, u, cvt, beta, alpha, key0, key1, offset, stochas
     _check(out, src, dense, u, cvt, offset, stochastic)
     module = _host_module()
     if module is None:
-        _reference_apply(out, src, dense, u, cvt, beta, alpha, (key0, key1), offset,
+        reference.apply_(out, src, dense, u, cvt, beta, alpha, (key0, key1), offset,
                          (rkey0, rkey1) if stochastic else None)
         return
     module.apply(out, src, dense, u, cvt, beta, alpha, key0, key1, offset, stochastic, rkey0, rkey1)
@@ -113,7 +112,7 @@ def _apply_fake(out, src, dense, u, cvt, beta, alpha, key0, key1, offset, stocha
 @torch.library.custom_op("subzero_ds::lowrank_core", mutates_args=("out",))
 def _lowrank_core(out: torch.Tensor, core: torch.Tensor, vt: torch.Tensor) -> None:
     _check_core(out, core, vt)
-    _reference_lowrank_core(out, core, vt)
+    reference.lowrank_core_(out, core, vt)
 
 
 @_lowrank_core.register_kernel("cpu")
@@ -121,7 +120,7 @@ def _lowrank_core_cpu(out, core, vt) -> None:
     _check_core(out, core, vt)
     module = _host_module()
     if module is None:
-        _reference_lowrank_core(out, core, vt)
+        reference.lowrank_core_(out, core, vt)
     else:
         module.lowrank_core(out, core, vt)
 
@@ -176,48 +175,3 @@ def _check(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, u: 
         raise RuntimeError(f"subzero_ds::apply_ needs an fp32 dense direction of {out.numel()} elements")
     if stochastic and out.dtype not in (torch.bfloat16, torch.float32):
         raise RuntimeError(f"stochastic rounding is implemented for bf16 (fp32 needs none), not {out.dtype}")
-
-
-def _reference_apply(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, u: torch.Tensor | None,
-                     cvt: torch.Tensor | None, beta: float, alpha: float, key: tuple[int, int], offset: int,
-                     rounding_key: tuple[int, int] | None) -> None:
-    """The torch reference of the kernels (bit-identical to them), a chunk of elements at a time."""
-    _check(out, src, dense, u, cvt, offset, rounding_key is not None)
-    beta32, alpha32 = _as_fp32(beta), _as_fp32(alpha)
-    for lo in range(0, out.numel(), _REFERENCE_CHUNK):
-        hi = min(lo + _REFERENCE_CHUNK, out.numel())
-        if dense is not None:
-            d = dense[lo:hi]
-        elif u is not None:
-            d = _reference_lowrank(u, cvt, offset + lo, offset + hi)
-        else:
-            d = philox.normals(offset + lo, offset + hi, key, out.device)
-        kept = beta32 * src[lo:hi].to(torch.float32) if beta32 != 0.0 else 0.0  # beta 0: src unread (as the kernels)
-        value = kept + alpha32 * d
-        if rounding_key is not None and out.dtype == torch.bfloat16:
-            bits = philox.rounding_bits(offset + lo, offset + hi, rounding_key, out.device)
-            out[lo:hi] = philox.stochastic_round_bf16(value, bits)
-        else:
-            out[lo:hi] = value.to(out.dtype)
-
-
-def _reference_lowrank(u: torch.Tensor, cvt: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Elements [start, end) of U·CVᵀ: Σ_k U[row, k]·CVᵀ[k, col] in increasing k, as the kernels sum."""
-    elements = torch.arange(start, end, device=u.device)
-    rows, cols = elements // cvt.shape[1], elements % cvt.shape[1]
-    acc = torch.zeros(end - start, dtype=torch.float32, device=u.device)
-    for k in range(u.shape[1]):
-        acc = acc + u[:, k].index_select(0, rows) * cvt[k].index_select(0, cols)
-    return acc
-
-
-def _reference_lowrank_core(out: torch.Tensor, core: torch.Tensor, vt: torch.Tensor) -> None:
-    acc = torch.zeros_like(out)
-    for l in range(core.shape[1]):
-        acc = acc + core[:, l : l + 1] * vt[l : l + 1]
-    out.copy_(acc)
-
-
-def _as_fp32(value: float) -> float:
-    """``value`` rounded to fp32 as the kernels take it (exactly representable afterwards)."""
-    return float(torch.tensor(value, dtype=torch.float32)) if math.isfinite(value) else value

@@ -21,14 +21,9 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..perturbation import key_of
+from ..seeds import key_of, query_fields
 
 RoundingKey = tuple[int, int] | None
-
-
-def query_fields(query: int) -> tuple:
-    """What a query index adds to a direction's key: nothing for the first (q = 1 draws as before)."""
-    return ("query", query) if query else ()
 
 
 class Direction(ABC):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..perturbation import key_of
-from .base import Direction, StateTensor, UpdateRule, WriteRange, query_fields
+from ..seeds import key_of, query_fields
+from .base import Direction, StateTensor, UpdateRule, WriteRange
 
 CHUNK_ELEMENTS = 1 << 22  # z and √H·z are made a chunk at a time
 

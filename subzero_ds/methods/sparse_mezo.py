@@ -19,8 +19,8 @@ import torch
 
 from .. import kernels
 from ..distributed import sum_over_ranks
-from ..perturbation import key_of
-from .base import Direction, query_fields
+from ..seeds import key_of, query_fields
+from .base import Direction
 
 CHUNK_ELEMENTS = 1 << 22
 FLOAT_BITS_INF = 0x7F800000  # the bits of +inf: every finite |θ| lies below

@@ -1,7 +1,7 @@
 """The task interface: what one dataset row becomes (`Sample`), and the data errors a user can fix.
 
 A `Task` turns a row (a dict, as read from a JSONL/TSV/Parquet file or a Hugging Face dataset) into
-samples. A sample is text only — tokenization happens in `subzero_ds.data` — and obeys one rule that
+samples. A sample is text only — tokenization happens in `subzero_ds.tasks.encoding` — and obeys one rule that
 keeps tokenization stable: the prompt ends exactly where the answer starts, with no trailing
 whitespace, and every answer continuation carries its own leading space (" great").
 """

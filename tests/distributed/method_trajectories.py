@@ -13,7 +13,7 @@ import torch
 import subzero_ds
 from helpers.tiny import pattern_batch, rank_slice, tiny_model
 from subzero_ds.distributed import exit_process, get_world_size_and_rank, init_distributed
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 STEPS, GLOBAL_BATCH = 12, 8
 # name -> (subzero settings, extra DeepSpeed settings)

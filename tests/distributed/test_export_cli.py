@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launch import BIN, REPO, run
-from subzero_ds.checkpoint_export import main as export_main
+from subzero_ds.checkpoint.cli import main as export_main
 from helpers.tiny import save_tiny_pretrained
 
 pytestmark = pytest.mark.distributed

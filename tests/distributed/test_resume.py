@@ -113,7 +113,7 @@ def test_resume_with_other_data_is_refused(workspace, uninterrupted):
 
 
 def test_a_checkpoint_exports_offline_to_the_final_model(workspace, uninterrupted, tmp_path):
-    from subzero_ds.checkpoint_export import main as export_main
+    from subzero_ds.checkpoint.cli import main as export_main
     from transformers import AutoModelForCausalLM
 
     export_main([str(uninterrupted / "checkpoints"), str(tmp_path / "hf")])  # the newest: step 40, the final one

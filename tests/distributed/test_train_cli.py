@@ -231,12 +231,12 @@ def test_drop_is_scored_by_token_f1_and_exact_match_of_the_greedy_answers(worksp
     """--task drop end to end (official DROP JSON, lr 0 so the weights stay put): the F1 and EM the CLI
     reports are those of the model's greedy answers against the gold answers, computed here by hand.
 
-    The gold answers are built from the model's own greedy answers (subzero_ds.evaluation.greedy_generate
+    The gold answers are built from the model's own greedy answers (subzero_ds.tasks.evaluation.greedy_generate
     on the same prompts) so that the scores are neither all 0 nor all 1: exact, the same up to case and
     punctuation, one extra word, several spans, a number, and wrong.
     """
-    from subzero_ds.data import SampleEncoder
-    from subzero_ds.evaluation import greedy_generate
+    from subzero_ds.tasks.encoding import SampleEncoder
+    from subzero_ds.tasks.evaluation import greedy_generate
 
     tokenizer = AutoTokenizer.from_pretrained(workspace / "llama")
     model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()

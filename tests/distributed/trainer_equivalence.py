@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 import subzero_ds
 from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.distributed import exit_process, get_world_size_and_rank
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds.integrations import ZOTrainer
 
 

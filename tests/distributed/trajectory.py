@@ -16,7 +16,7 @@ from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.config import ConfigError
 from helpers.tiny import pattern_batch, rank_slice, tiny_model
 from subzero_ds.distributed import get_world_size_and_rank
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 # The fp32 losses of 1 and 2 ranks differ by ~1 ulp (reduction order); g = Δℓ/2ε turns that into
 # ~1e-4 of g, so the weights drift apart by ~lr·1e-4·|D| per step: 2e-4 keeps 20 steps within 1e-5

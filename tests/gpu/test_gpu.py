@@ -40,7 +40,7 @@ def make_config(fused: bool = False, method: str = "subzero", lr: float = 1e-4, 
 def run(config: dict, steps: int, arch: str = "llama"):
     import subzero_ds
     from helpers.tiny import pattern_batch, tiny_model
-    from subzero_ds.export import iter_full_state
+    from subzero_ds.checkpoint.export import iter_full_state
 
     engine = subzero_ds.initialize(model=tiny_model(arch), config=config)
     results = [engine.step(pattern_batch(4, seed=i)) for i in range(steps)]
@@ -104,7 +104,7 @@ def test_persistent_copies_stay_bit_identical_to_their_shards():
 def test_lr_zero_leaves_bf16_weights_bit_identical(fused):
     import subzero_ds
     from helpers.tiny import tiny_model
-    from subzero_ds.export import iter_full_state
+    from subzero_ds.checkpoint.export import iter_full_state
 
     before = dict(iter_full_state(subzero_ds.initialize(model=tiny_model("llama"), config=make_config(bf16=True)).module))
     _, results, after = run(make_config(fused=fused, lr=0.0, bf16=True), steps=5)

@@ -10,7 +10,7 @@ import subzero_ds
 from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter, save_adapter
 from subzero_ds.config import ConfigError
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 
 def make_engine(tuning: Tuning, lr: float, eps: float):

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, RobertaConfig
 
 import subzero_ds
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds.train import is_masked_lm, parse_args
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from subzero_ds.config import ConfigError, SubZeroConfig, check_deepspeed_accepts, load_ds_config, parse_config
-from subzero_ds.data import SampleEncoder, check_examples
+from subzero_ds.tasks.encoding import SampleEncoder, check_examples
 from subzero_ds.tasks import DataError, Sample, find_local_file, get_task, load_samples
 from subzero_ds.train import main
 

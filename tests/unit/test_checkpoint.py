@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import subzero_ds
-from subzero_ds.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from subzero_ds.checkpoint.sharded import CheckpointError, latest_checkpoint, list_checkpoints
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 
 def make_engine(fused=False, bf16=False, **subzero):
@@ -109,7 +109,7 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
 
 KILLED_MID_SAVE = textwrap.dedent("""
     import os, signal, sys
-    import subzero_ds.checkpoint as checkpoint
+    import subzero_ds.checkpoint.sharded as checkpoint
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_engine, train
     engine = make_engine()
@@ -148,7 +148,7 @@ def test_a_lora_checkpoint_exports_offline_as_an_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter
-    from subzero_ds.checkpoint_export import export_checkpoint
+    from subzero_ds.checkpoint.cli import export_checkpoint
 
     base = tmp_path / "base"
     tiny_model("llama").save_pretrained(base)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from subzero_ds.data import SampleEncoder, candidate_batch, candidate_scores, classification_loss, lm_batch
+from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, candidate_scores, classification_loss, lm_batch
 from helpers.tiny import save_tiny_pretrained
 from subzero_ds.tasks import DataError, Sample
 

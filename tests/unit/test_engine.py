@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import subzero_ds
 from subzero_ds.config import ConfigError
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 
 def make_config(stage=3, method="subzero", lr=1e-3, bf16=False, persistence=100_000, **subzero):

@@ -6,7 +6,7 @@ import torch
 import subzero_ds
 from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.engine import NonFiniteLossError
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 
 def poisoned_loss(poisoned_steps: set[int], engine_ref: list):

@@ -10,7 +10,7 @@ from transformers import OPTForCausalLM
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
 from helpers.tiny import pattern_batch, tiny_config, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds import fused as fused_module
 from subzero_ds.fused import FusedPassError
 

@@ -118,10 +118,10 @@ def test_kernel_equals_the_reference_for_every_dtype(dtype, use_dense):
     dense = torch.randn(5000) if use_dense else None
     out, expected = torch.empty_like(src), torch.empty_like(src)
     kernels.apply_(out, src, beta=0.999, alpha=-3e-3, key=(4, 5), offset=123, dense=dense)
-    kernels._reference_apply(expected, src, dense, None, None, 0.999, -3e-3, (4, 5), 123, None)
+    kernels.reference.apply_(expected, src, dense, None, None, 0.999, -3e-3, (4, 5), 123, None)
     assert torch.equal(out, expected)
     d = dense if use_dense else kernels.gaussian(5000, (4, 5), 123)
-    assert torch.equal(out, (kernels._as_fp32(0.999) * src.float() + kernels._as_fp32(-3e-3) * d).to(dtype))
+    assert torch.equal(out, (kernels.reference._as_fp32(0.999) * src.float() + kernels.reference._as_fp32(-3e-3) * d).to(dtype))
 
 
 def lowrank_factors(m=37, n=23, r=5):
@@ -133,7 +133,7 @@ def lowrank_factors(m=37, n=23, r=5):
 def test_lowrank_core_is_core_times_vt_in_a_fixed_order():
     u, cvt, core, vt = lowrank_factors()
     expected = torch.empty_like(cvt)
-    kernels._reference_lowrank_core(expected, core, vt)
+    kernels.reference.lowrank_core_(expected, core, vt)
     assert torch.equal(cvt, expected)
     torch.testing.assert_close(cvt, (core.double() @ vt.double()).float(), rtol=1e-5, atol=1e-5)
 
@@ -144,7 +144,7 @@ def test_lowrank_apply_is_u_times_cvt_and_equals_the_reference(dtype):
     src = torch.randn(37 * 23 - 50).to(dtype)
     out, expected = torch.empty_like(src), torch.empty_like(src)
     kernels.apply_(out, src, beta=0.5, alpha=2.0, offset=50, lowrank=(u, cvt))
-    kernels._reference_apply(expected, src, None, u, cvt, 0.5, 2.0, (0, 0), 50, None)
+    kernels.reference.apply_(expected, src, None, u, cvt, 0.5, 2.0, (0, 0), 50, None)
     assert torch.equal(out, expected)
     d = (u.double() @ cvt.double()).view(-1)[50:]
     torch.testing.assert_close(out.double(), (0.5 * src.double() + 2.0 * d).to(dtype).double(), rtol=1e-2, atol=1e-4)
@@ -180,13 +180,13 @@ def test_stochastic_rounding_is_unbiased_and_matches_the_reference():
     nearest = kernels.apply_(torch.empty_like(src), src, beta=1.0, alpha=delta, dense=ones)
     assert torch.equal(nearest, src)  # the whole update is rounded away
     stochastic = kernels.apply_(torch.empty_like(src), src, beta=1.0, alpha=delta, dense=ones, rounding_key=(3, 4))
-    exact = float(src[0]) + kernels._as_fp32(delta)
+    exact = float(src[0]) + kernels.reference._as_fp32(delta)
     ulp = 2**-6 * 2**-7  # bf16 spacing in [2^-6, 2^-5)
     assert set(stochastic.float().unique().tolist()) == {float(src[0]), float(src[0]) + ulp}
     sigma = ulp * 0.5 / math.sqrt(n)
     assert stochastic.double().mean().item() == pytest.approx(exact, abs=5 * sigma)
     expected = torch.empty_like(src)
-    kernels._reference_apply(expected, src, ones, None, None, 1.0, delta, (0, 0), 0, (3, 4))
+    kernels.reference.apply_(expected, src, ones, None, None, 1.0, delta, (0, 0), 0, (3, 4))
     assert torch.equal(stochastic, expected)
     again = kernels.apply_(torch.empty_like(src), src, beta=1.0, alpha=delta, dense=ones, rounding_key=(3, 4))
     assert torch.equal(again, stochastic)  # seeded: a pure function of (key, position)
@@ -223,7 +223,7 @@ TRITON_CHECK = textwrap.dedent("""
                 s = src.to(dtype)
                 out, expected = torch.empty_like(s), torch.empty_like(s)
                 cuda.apply_(out, s, dense, lowrank, 0.999, -1e-2, (1, 2), 11, rounding)
-                kernels._reference_apply(expected, s, dense, *(lowrank or (None, None)), 0.999, -1e-2, (1, 2), 11,
+                kernels.reference.apply_(expected, s, dense, *(lowrank or (None, None)), 0.999, -1e-2, (1, 2), 11,
                                          rounding)
                 assert torch.equal(out, expected), (dtype, dense is None, lowrank is None, rounding)
     print("triton kernel matches")

@@ -16,7 +16,7 @@ import torch
 
 import subzero_ds
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds.methods import GaussianDirection, SubspaceDirection
 
 STEPS = 10
@@ -251,7 +251,7 @@ def test_resume_is_bit_exact_with_the_method_state(tmp_path, settings):
 
 
 def test_a_resume_with_another_update_rule_is_refused(tmp_path):
-    from subzero_ds.checkpoint import CheckpointError
+    from subzero_ds.checkpoint.sharded import CheckpointError
 
     engine = subzero_ds.initialize(model=tiny_model("llama"), config=config(update="momentum"))
     engine.step(pattern_batch(4))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from subzero_ds.optimizer import GaussianDirection, SubspaceDirection
-from subzero_ds.perturbation import near_square_shape
+from subzero_ds.methods.subzero import near_square_shape
 
 
 def full(direction, name, shape, step):

@@ -23,14 +23,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from subzero_ds import distributed, methods
-from subzero_ds.data import candidate_scores, classification_loss
+from subzero_ds.tasks.encoding import candidate_scores, classification_loss
 from subzero_ds.fused import FusedPass
 from subzero_ds.config import Reshape, SubZeroConfig, UpdateRounding
 from subzero_ds.methods.base import UpdateStep
 from subzero_ds.methods.mezo import GaussianDirection
 from subzero_ds.methods.subzero import SubspaceDirection
 from subzero_ds.optimizer import ZOOptimizer
-from subzero_ds.shards import ParamShard
+from subzero_ds.zero.shards import ParamShard
 
 CUDA = torch.device("cuda")
 DIRECTIONS = {

@@ -6,7 +6,7 @@ import math
 import pytest
 from PIL import Image
 
-from subzero_ds.plot import main, moving_average, read_metrics
+from subzero_ds.tools.plot import main, moving_average, read_metrics
 
 
 def write_jsonl(path, rows):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from subzero_ds.qa_metrics import aggregate, exact_match, normalize_answer, token_f1
+from subzero_ds.tasks.qa_metrics import aggregate, exact_match, normalize_answer, token_f1
 
 
 # --- the official SQuAD v1.1 evaluation functions, verbatim apart from formatting ----------------

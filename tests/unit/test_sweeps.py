@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from subzero_ds.config import ConfigError
-from subzero_ds.sweeps import expand, load_sweep
-from subzero_ds.sweeps.report import collect, group_statistics, relative_improvement, write_report
-from subzero_ds.sweeps.runner import cell_dir, prepare, run_local, train_arguments, write_slurm
-from subzero_ds.sweeps.spec import Sweep
+from subzero_ds.tools.sweeps import expand, load_sweep
+from subzero_ds.tools.sweeps.report import collect, group_statistics, relative_improvement, write_report
+from subzero_ds.tools.sweeps.runner import cell_dir, prepare, run_local, train_arguments, write_slurm
+from subzero_ds.tools.sweeps.spec import Sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,7 @@ def test_the_slurm_array_has_one_unfinished_cell_per_task(tmp_path):
     script = write_slurm(tmp_path, spec, cells, partition="gpu").read_text()
     assert f"#SBATCH --array=0-{len(cells) - 2}" in script and "#SBATCH --partition=gpu" in script
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --gpus-per-node=2" in script
-    assert "srun " in script and "-m subzero_ds.sweeps run-cell" in script
+    assert "srun " in script and "-m subzero_ds.tools.sweeps run-cell" in script
     listed = (tmp_path / "slurm" / "cells.txt").read_text().split()
     assert listed == [c.hash for c in cells[1:]]
 
@@ -127,7 +127,7 @@ def fake_cells(root: Path, values: dict[str, list[float]], task: str = "sst2") -
 
 def test_statistics_equal_hand_computed_values(tmp_path):
     fake_cells(tmp_path, {"mezo": [0.70, 0.72, 0.74], "subzero": [0.80, 0.82, 0.84]})
-    from subzero_ds.sweeps.report import collect
+    from subzero_ds.tools.sweeps.report import collect
 
     cells, _ = collect(tmp_path)
     groups = group_statistics(cells, "mezo").set_index("method")

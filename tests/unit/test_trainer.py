@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.config import ConfigError
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds.integrations import ZOTrainer
 
 CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",

@@ -9,7 +9,7 @@ import torch
 
 import subzero_ds
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.export import iter_full_state
+from subzero_ds.checkpoint.export import iter_full_state
 
 # Visible decay: lr·λ = 1e-3 of every matrix element per step (~2e-5 for OPT's 0.02 init), 20× the 1e-6 bound.
 LR, DECAY = 1e-2, 0.1

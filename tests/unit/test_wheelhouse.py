@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from subzero_ds.plot import main as plot_main
+from subzero_ds.tools.plot import main as plot_main
 from subzero_ds.tasks import DataError, get_task, load_samples
 
 REPO = Path(__file__).resolve().parents[2]

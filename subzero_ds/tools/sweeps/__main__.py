@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
+from ...config import ConfigError
 from .runner import is_finished, run_cell, run_local, write_slurm
 from .spec import expand, load_sweep
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterOptions, Tuning, add_adapter
-from .checkpoint import CheckpointError, latest_checkpoint, read_manifest, read_range, verify_files
+from ..adapters import AdapterOptions, Tuning, add_adapter
+from .sharded import CheckpointError, latest_checkpoint, read_manifest, read_range, verify_files
 from .export import save_hf_weights
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import ConfigError
+from ...config import ConfigError
 
 
 class MethodSpec(BaseModel):

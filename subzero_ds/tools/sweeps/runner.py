@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError
+from ...config import ConfigError
 from .spec import Cell, Sweep
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def cell_dir(root: Path, cell: Cell) -> Path:
@@ -80,7 +80,7 @@ def launch_command(sweep: Sweep) -> list[str]:
     bin_dir = Path(sys.executable).parent
     ranks = sweep.launcher.ranks
     if sweep.launcher.kind == "deepspeed":
-        from ..distributed import free_port
+        from ...distributed import free_port
 
         return [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                 "--module", "subzero_ds.train"]
@@ -142,7 +142,7 @@ def write_slurm(root: Path, sweep: Sweep, cells: list[Cell], partition: str | No
         f'CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {slurm / "cells.txt"})',
         f"cd {REPO}",
         "export MASTER_ADDR=$(hostname) MASTER_PORT=$((20000 + SLURM_ARRAY_TASK_ID % 10000))",
-        f'srun {sys.executable} -m subzero_ds.sweeps run-cell {root} "$CELL"',
+        f'srun {sys.executable} -m subzero_ds.tools.sweeps run-cell {root} "$CELL"',
     ]
     script = slurm / "sweep.sbatch"
     script.write_text("\n".join(lines) + "\n")
@@ -152,7 +152,7 @@ def write_slurm(root: Path, sweep: Sweep, cells: list[Cell], partition: str | No
 def run_cell(root: Path, cell_hash: str) -> None:
     """Run one prepared cell in this process (a slurm task: srun starts one per rank)."""
     cell = Cell.model_validate_json((root / "cells" / cell_hash / "cell.json").read_text())
-    from ..train import main
+    from ...train import main
 
     main(train_arguments(root, cell))
 

@@ -13,11 +13,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .data import SampleEncoder, candidate_batch, candidate_scores
-from .distributed import get_world_size_and_rank, sum_over_ranks
-from .engine import to_device
+from .encoding import SampleEncoder, candidate_batch, candidate_scores
+from ..distributed import get_world_size_and_rank, sum_over_ranks
+from ..engine import to_device
 from .qa_metrics import exact_match, token_f1
-from .tasks import Sample, Task, TaskKind
+from .base import Sample, Task, TaskKind
 
 
 def rank_share(samples: Sequence[Sample]) -> tuple[list[Sample], int]:

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ...config import ConfigError
 from .spec import Cell
 
 GROUP = ["task", "method", "lr", "batch_size"]

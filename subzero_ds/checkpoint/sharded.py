@@ -31,9 +31,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .distributed import all_gather_objects, barrier, get_world_size_and_rank, is_main_process
-from .methods.base import StateTensor
-from .shards import ParamShard
+from ..distributed import all_gather_objects, barrier, get_world_size_and_rank, is_main_process
+from ..methods.base import StateTensor
+from ..zero.shards import ParamShard
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

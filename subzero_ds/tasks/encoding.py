@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tasks import DataError, Sample
+from .base import DataError, Sample
 
 logger = logging.getLogger("subzero_ds")
 IGNORE = -100

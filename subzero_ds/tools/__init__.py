@@ -1,0 +1,1 @@
+"""Tools around training runs: ``subzero-sweep`` (``sweeps/``) and ``subzero-plot`` (``plot.py``)."""

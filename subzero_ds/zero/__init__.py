@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO mechanics: this rank's shards of the trainable parameters, NVMe swapping, write ordering."""
