@@ -73,6 +73,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
+from subzero_ds.config.subzero import drop_other_methods_keys
 from subzero_ds.distributed import exit_process, free_port, get_world_size_and_rank, init_distributed, log
 from subzero_ds.methods.sparse_mezo import SparseDirection
 
@@ -388,10 +389,10 @@ def ds_config(configuration: Configuration, batch_size: int, subspace_rank: int)
         config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-7, "weight_decay": 0.0, "torch_adam": True}}
         config["zero_force_ds_cpu_optimizer"] = False
     else:
-        config["subzero"] = {
+        config["subzero"] = drop_other_methods_keys({
             **ZO_METHODS[configuration.method], "lr": 1e-7, "eps": 1e-3, "rank": subspace_rank, "subspace_interval": 1000,
             "seed": 0, "fused": configuration.mode == "fused",
-        }  # fmt: skip
+        })  # fmt: skip
     return config
 
 

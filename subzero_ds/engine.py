@@ -25,10 +25,6 @@ from .optimizer import ZOOptimizer
 from .zero.shards import ParamShard
 
 Batch = Mapping[str, Any]
-# Settings a resumed run must share with the checkpoint: they (with the step) define every direction,
-# or the state the checkpoint holds.
-DIRECTION_SETTINGS = ("method", "seed", "rank", "subspace_interval", "reshape", "queries", "update", "sparsity",
-                      "mask_interval")
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
@@ -178,7 +174,7 @@ class SubZeroEngine:
         if self._micro_batch:
             raise RuntimeError(f"save_checkpoint after {self._micro_batch} of the step's {self.accumulation_steps} "
                                "micro-batches: save between steps (after the step's last micro-batch).")
-        state = {"seed": self.config.seed, "settings": self.config.model_dump(mode="json"),
+        state = {"seed": self.config.seed, "settings": self.config.flat(),
                  "generator": GENERATOR, "consecutive_skips": self.consecutive_skips,
                  "method": self.optimizer.scalars()}
         return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last,
@@ -199,8 +195,8 @@ class SubZeroEngine:
             path = latest_checkpoint(path)
         manifest = read_manifest(path)
         saved = manifest.state["settings"]
-        ours = self.config.model_dump(mode="json")
-        changed = [k for k in DIRECTION_SETTINGS if saved.get(k) != ours.get(k)]
+        ours = self.config.direction_settings()
+        changed = [k for k in ours if saved.get(k) != ours[k]]
         if changed:
             raise CheckpointError(
                 f"the checkpoint {path} was written with " + ", ".join(f"subzero.{k}={saved.get(k)!r}" for k in changed)

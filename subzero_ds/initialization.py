@@ -11,14 +11,15 @@ import deepspeed
 import torch
 from torch import nn
 
-from .config import ConfigError, Reshape, check_nvme_buffers, check_offload_paths, deepspeed_section, load_ds_config
-from .config import UpdateRounding, accumulation_steps, parse_config, zero_stage
+from .config import ConfigError, UpdateRounding, environment, load_ds_config, parse
+from .config.errors import raise_problems
 from .distributed import disagreements, get_world_size_and_rank, init_distributed, log
 from .engine import LossFn, SubZeroEngine
 from . import methods
 from .optimizer import ZOOptimizer
 from .seeds import stable_seed
-from .zero.shards import collect_shards, partition_for_nvme
+from .zero.nvme import partition_for_nvme
+from .zero.shards import collect_shards
 
 
 def initialize(
@@ -52,8 +53,8 @@ def initialize(
         )
     source = "the DeepSpeed config dict" if isinstance(config, Mapping) else repr(os.fspath(config))
     ds_config = load_ds_config(config)
-    settings = parse_config(ds_config, source)
-    check_offload_paths(ds_config, source)
+    settings, deepspeed_settings = parse(ds_config, source)
+    raise_problems(environment.nvme_offload_problems(deepspeed_settings), source)
 
     init_distributed()
     fingerprint = stable_seed(json.dumps(ds_config, sort_keys=True, default=str))
@@ -65,20 +66,19 @@ def initialize(
             "directions differ and training is silently wrong. Pass the same config file, seed and model to every rank."
         )
 
-    ds_config = deepspeed_section(ds_config)
+    ds_config = dict(deepspeed_settings.section)
     if "train_batch_size" not in ds_config and "train_micro_batch_size_per_gpu" not in ds_config:
         ds_config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed insists; a ZO step takes any batch
     numels = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in model.named_parameters()}
-    check_nvme_buffers(ds_config, numels, get_world_size_and_rank()[0], source)
-    partition_for_nvme(model, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
+    raise_problems(environment.nvme_buffer_problems(deepspeed_settings, numels, get_world_size_and_rank()[0]), source)
+    partition_for_nvme(model, deepspeed_settings, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    accumulation = accumulation_steps(ds_config)
+    accumulation = deepspeed_settings.accumulation_steps
 
     shards = collect_shards(ds_engine.module)
     if not shards:
         raise ConfigError("the model has no parameter with requires_grad=True: there is nothing to train.")
     frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
-    reshape = settings.reshape is Reshape.ALWAYS or (settings.reshape is Reshape.AUTO and frozen)
     half = sorted({str(s.dtype).removeprefix("torch.") for s in shards if s.dtype == torch.float16})
     if settings.update_rounding is UpdateRounding.STOCHASTIC and half:
         raise ConfigError(
@@ -86,14 +86,14 @@ def initialize(
             "stochastic rounding is implemented for bf16 (fp32 needs none). Train in bf16 (`\"bf16\": "
             "{\"enabled\": true}`) or set `subzero.update_rounding` to \"nearest\"."
         )
-    optimizer = ZOOptimizer(shards, methods.build(settings, reshape), settings.eps, in_place=not settings.fused,
+    optimizer = ZOOptimizer(shards, methods.build(settings, frozen), settings.eps, in_place=not settings.fused,
                             update_rounding=settings.update_rounding)
     trainable = sum(s.numel for s in shards)
     log(
-        f"subzero_ds: {settings.method.value} ({settings.update.value}, {settings.queries} quer"
+        f"subzero_ds: {settings.method} ({settings.update}, {settings.queries} quer"
         f"{'y' if settings.queries == 1 else 'ies'}, {accumulation} micro-batch(es) per step) on {len(shards)} "
         f"trainable tensors ({trainable:,} elements), "
-        f"ZeRO stage {zero_stage(ds_config)}, lr={settings.lr:g}, eps={settings.eps:g}, reshape={reshape}, "
+        f"ZeRO stage {deepspeed_settings.stage}, lr={settings.lr:g}, eps={settings.eps:g}, {settings.options!r}, "
         f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}"
     )
     return SubZeroEngine(ds_engine, settings, optimizer, loss_fn, accumulation_steps=accumulation)

@@ -326,49 +326,29 @@ def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSet
     """Read a DeepSpeed config (JSON path or dict) into :class:`ZeroSettings`.
 
     Raises:
-        MemoryPlanError: missing/invalid file, a stage other than 3, or a bad value (key and fix named).
-        subzero_ds.config.ConfigError: a bad ``"subzero"`` section (every problem listed).
+        MemoryPlanError: missing/invalid file, or a stage other than 3.
+        subzero_ds.config.ConfigError: a bad ``"subzero"`` section or DeepSpeed setting (every problem listed).
     """
-    from .config import ConfigError, load_ds_config, parse_config
+    from .config import ConfigError, load_ds_config, parse
 
     source = "the DeepSpeed config dict" if isinstance(config, Mapping) else repr(os.fspath(config))
     try:
         ds = load_ds_config(config)
     except ConfigError as e:
         raise MemoryPlanError(str(e)) from None
-    settings = parse_config(ds, source)
-    zero = ds.get("zero_optimization") or {}
-    if zero.get("stage", 0) != 3:
+    settings, deepspeed = parse(ds, source)
+    if deepspeed.stage != 3:
         raise MemoryPlanError(
-            f"{source}: `zero_optimization.stage` is {zero.get('stage', 0)!r}; the planner models ZeRO-3 "
+            f"{source}: `zero_optimization.stage` is {deepspeed.stage!r}; the planner models ZeRO-3 "
             "(partitioned parameters). Set it to 3."
         )
-    precision = "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32"
-    offload_cfg = zero.get("offload_param") or {}
-    device = str(offload_cfg.get("device", "none")).lower()
-    try:
-        offload = Offload(device)
-    except ValueError:
-        raise MemoryPlanError(
-            f"{source}: `zero_optimization.offload_param.device` is {device!r}. Use \"none\", \"cpu\" or \"nvme\"."
-        ) from None
-
-    def number(key: str, default: int, block: Mapping[str, Any] = zero, prefix: str = "zero_optimization") -> int:
-        value = block.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise MemoryPlanError(f"{source}: `{prefix}.{key}` is {value!r}; it must be a number >= 0 (elements).")
-        return int(value)
-
     return ZeroSettings(
-        precision=precision, offload=offload,
-        prefetch_bucket=number("stage3_prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET),
-        max_live=number("stage3_max_live_parameters", DEFAULT_MAX_LIVE),
-        max_reuse=number("stage3_max_reuse_distance", DEFAULT_MAX_REUSE),
-        persistence_threshold=number("stage3_param_persistence_threshold", DEFAULT_PERSISTENCE),
-        nvme_buffer_count=number("buffer_count", DEFAULT_NVME_BUFFER_COUNT, offload_cfg, "zero_optimization.offload_param"),
-        nvme_buffer_size=number("buffer_size", DEFAULT_NVME_BUFFER_SIZE, offload_cfg, "zero_optimization.offload_param"),
-        method=settings.method.value, rank=settings.rank, fused=settings.fused, update=settings.update.value,
-    )  # fmt: skip
+        precision=deepspeed.precision.value, offload=Offload(deepspeed.offload_device),
+        prefetch_bucket=deepspeed.prefetch_bucket_size, max_live=deepspeed.max_live_parameters,
+        max_reuse=deepspeed.max_reuse_distance, persistence_threshold=deepspeed.persistence_threshold,
+        nvme_buffer_count=deepspeed.nvme_buffer_count, nvme_buffer_size=deepspeed.nvme_buffer_size,
+        method=settings.method, rank=getattr(settings.options, "rank", 24), fused=settings.fused, update=settings.update,
+    )
 
 
 @dataclass(frozen=True)

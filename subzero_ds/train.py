@@ -32,8 +32,9 @@ from tqdm import tqdm
 import subzero_ds
 from subzero_ds.adapters import AdapterOptions, Tuning, add_adapter, is_peft_model, merge_adapter, save_adapter
 from subzero_ds.checkpoint.sharded import CheckpointError, latest_checkpoint
-from subzero_ds.config import (ConfigError, check_deepspeed_accepts, deepspeed_section, load_ds_config, parse_config,
-                               zero_stage)
+from subzero_ds.config import ConfigError, check_deepspeed_accepts, deepspeed_section, load_ds_config, parse, parse_config
+from subzero_ds.config.deepspeed import parse_deepspeed
+from subzero_ds.config.errors import raise_problems
 from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
 from subzero_ds.distributed import (barrier, disagreements, exit_process, get_world_size_and_rank, init_distributed,
                                     is_local_main_process, is_main_process, log, sum_over_ranks)
@@ -262,12 +263,10 @@ def is_masked_lm(path: str, model_type: str) -> bool:
     return config.model_type in MASKED_LM_TYPES and not getattr(config, "is_decoder", False)
 
 
-def load_model(path: str, masked_lm: bool, ds_config: dict):
-    """``from_pretrained``; under ZeRO-3 (an ``HfDeepSpeedConfig`` alive) partitioned while it loads."""
+def load_model(path: str, masked_lm: bool, dtype: torch.dtype):
+    """``from_pretrained`` in ``dtype``; under ZeRO-3 (an ``HfDeepSpeedConfig`` alive) partitioned while it loads."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     model_class = AutoModelForMaskedLM if masked_lm else AutoModelForCausalLM
     return model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
 
@@ -329,10 +328,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     config_source = args.deepspeed_config or DEFAULT_CONFIG
     ds_config = load_ds_config(config_source)
     first_order = args.optimizer != "zo"
+    source = repr(args.deepspeed_config or "the built-in default config")
     if first_order:
         ds_config = first_order_config(ds_config, args.optimizer, args.learning_rate, 0.0)
-    else:
-        parse_config(ds_config, repr(args.deepspeed_config or "the built-in default config"))  # fail before any loading
+        deepspeed_settings, problems = parse_deepspeed(ds_config, zeroth_order=False)
+        raise_problems(problems, source)
+    else:  # fail before any loading
+        deepspeed_settings = parse(ds_config, source)[1]
     task = get_task(args.task, **({"label_words": args.label_words} if args.label_words else {}))
 
     init_distributed()
@@ -360,8 +362,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     section = deepspeed_section(ds_config)
     if "train_batch_size" not in section:  # DeepSpeed's config parser insists on a batch size
         section.setdefault("train_micro_batch_size_per_gpu", args.per_device_batch_size or 1)
-    hf_zero3 = HfDeepSpeedConfig(section) if zero_stage(ds_config) == 3 else None
-    model = load_model(model_path, masked_lm, ds_config)
+    hf_zero3 = HfDeepSpeedConfig(section) if deepspeed_settings.stage == 3 else None
+    model = load_model(model_path, masked_lm, deepspeed_settings.precision.dtype)
     options = AdapterOptions(lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
                              lora_target_modules=tuple(args.lora_target_modules), num_virtual_tokens=args.num_virtual_tokens)
     model = add_adapter(model, Tuning(args.tuning), options, masked_lm=masked_lm)

@@ -1,27 +1,28 @@
-"""ZO methods, one file each, assembled from the ``"subzero"`` section.
+"""ZO methods and update rules, one file each, found through the registry.
 
-A method is three separable choices (:mod:`~subzero_ds.methods.base`): its direction (``mezo.py``,
-``subzero.py``, ``sparse_mezo.py``, ``hizoo.py``), its estimator (``estimators.py``) and its
-update rule (``sgd.py``, ``momentum.py``, ``adam.py``; HiZOO brings its own).
+A method is three separable choices (``base.py``): its direction (``mezo.py``, ``subzero.py``,
+``sparse_mezo.py``, ``hizoo.py``), its estimator (``estimators.py``) and its update rule
+(``sgd.py``, ``momentum.py``, ``adam.py``; HiZOO brings its own). Each file registers itself
+(``registry.py``) when imported below; :func:`build` assembles the configured one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..config import Method, SubZeroConfig, Update
-from .adam import Adam
+from . import registry
 from .base import Direction, LowRank, UpdateRule
 from .estimators import Estimator, Probe
-from .hizoo import HessianDirection, HessianUpdate
-from .mezo import GaussianDirection
-from .momentum import Momentum
-from .sgd import SGD
-from .sparse_mezo import SparseDirection
-from .subzero import SubspaceDirection
 
-__all__ = ["Direction", "Estimator", "GaussianDirection", "LowRank", "Probe", "SubspaceDirection", "UpdateRule",
-           "ZOMethod", "build"]
+# Importing a method's or an update rule's file registers it.
+from . import mezo, subzero, hizoo, sparse_mezo  # noqa: E402,F401  (methods)
+from . import sgd, momentum, adam  # noqa: E402,F401  (update rules)
+
+if TYPE_CHECKING:
+    from ..config import SubZeroConfig
+
+__all__ = ["Direction", "Estimator", "LowRank", "Probe", "UpdateRule", "ZOMethod", "build", "registry"]
 
 
 @dataclass(frozen=True)
@@ -33,22 +34,15 @@ class ZOMethod:
     update: UpdateRule
 
 
-def build(config: SubZeroConfig, reshape: bool) -> ZOMethod:
-    """The method the config asks for (``reshape``: SubZero's near-square view, resolved from "auto")."""
-    if config.method is Method.HIZOO:
-        direction = HessianDirection(config.seed)
-        return ZOMethod(direction, Estimator(clean=True),
-                        HessianUpdate(direction, config.weight_decay, config.hessian_smooth))
-    if config.method is Method.SPARSE_MEZO:
-        direction = SparseDirection(config.seed, config.sparsity, config.mask_interval)
-    elif config.method is Method.MEZO:
-        direction = GaussianDirection(config.seed)
-    else:
-        direction = SubspaceDirection(config.seed, config.rank, config.subspace_interval, reshape)
-    q, decay = config.queries, config.weight_decay
-    rule = {
-        Update.SGD: lambda: SGD(direction, decay, q),
-        Update.MOMENTUM: lambda: Momentum(direction, decay, q, config.momentum, config.state_on_refresh),
-        Update.ADAM: lambda: Adam(direction, decay, q, tuple(config.betas), config.adam_eps, config.state_on_refresh),
-    }[config.update]()
-    return ZOMethod(direction, Estimator(queries=q), rule)
+def build(config: SubZeroConfig, frozen_parameters: bool = False) -> ZOMethod:
+    """The method the config asks for.
+
+    Args:
+        config: the validated ``"subzero"`` section.
+        frozen_parameters: whether the model has frozen parameters (PEFT), which SubZero's
+            ``"reshape": "auto"`` follows.
+    """
+    spec = registry.method(config.method)
+    direction = spec.direction(config.options, config.seed, frozen_parameters)
+    build_update = spec.update_rule or registry.update(config.update).build
+    return ZOMethod(direction, spec.estimator(config.queries), build_update(direction, config))

@@ -1,63 +1,72 @@
 """ZO-Adam: Adam's moments of the ZO estimate ĝ = (1/q)·Σ_j g_j·D_{t,j}.
 
 m ← β1·m + (1 − β1)·ĝ, v ← β2·v + (1 − β2)·ĝ², θ ← θ − η(m̂ / (√v̂ + ε_A) + λθ) with the usual
-bias corrections. MeZO-style full directions keep m and v parameter-sized (fp32, sharded: 8 bytes
-per trainable element per rank's share), ĝ generated a chunk at a time. SubZero keeps a matrix's
-m, v in subspace coordinates (r×r, :class:`~subzero_ds.methods.subzero.SubspaceState`), on the
-projected step (1/q)Σ g_j Z_j, and writes μ·U·(m̂ / (√v̂ + ε_A))·Vᵀ: Adam's normalization acts on
-the subspace coordinates, not on the matrix elements.
+bias corrections. Full directions (MeZO, its variants) keep m and v parameter-sized (fp32, sharded:
+8 bytes per trainable element per rank's share), ĝ generated a chunk at a time. SubZero keeps a
+matrix's m, v in subspace coordinates (r×r), on the projected step (1/q)Σ g_j Z_j, and writes
+μ·U·(m̂ / (√v̂ + ε_A))·Vᵀ: Adam's normalization acts on the subspace coordinates, not on the matrix
+elements.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from .. import kernels
-from ..config import StateOnRefresh
-from .base import Direction, UpdateRule
-from .momentum import Momentum
+from .base import Direction, StateTensor, UpdateRule, WriteRange, decay_factor, mean_direction_
+from .moments import Moments
+from .registry import Options, UpdateSpec, register_update
 
 CHUNK_ELEMENTS = 1 << 22  # ĝ and the step are made a chunk at a time: 16 MiB fp32 of scratch each
 
 
-class Adam(Momentum):
+class AdamOptions(Options):
+    """The keys of ``"update": "adam"``."""
+
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]] = Field(
+        [0.9, 0.999], min_length=2, max_length=2, description='β1, β2 of "update": "adam", two numbers in [0, 1).')
+    adam_eps: float = Field(1e-8, gt=0.0, allow_inf_nan=False, description="Adam's ε, a number > 0.")
+
+
+class Adam(UpdateRule):
     """ZO-Adam.
 
     Args:
-        direction, weight_decay, queries: as for every update rule.
+        direction: the method's direction.
+        weight_decay: λ, on matrices only.
         betas: (β1, β2).
         eps: Adam's ε.
-        on_refresh: SubZero's subspace state at a window change (reset or project).
     """
 
-    kinds = ("m", "v")
-
-    def __init__(self, direction: Direction, weight_decay: float, queries: int, betas: tuple[float, float],
-                 eps: float, on_refresh: StateOnRefresh = StateOnRefresh.RESET) -> None:
-        UpdateRule.__init__(self, direction, weight_decay, queries)
-        self.betas, self.eps, self.on_refresh = betas, eps, on_refresh
-        self.full, self.subspace = {}, {}
+    def __init__(self, direction: Direction, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
+        self.direction, self.weight_decay, self.betas, self.eps = direction, weight_decay, betas, eps
+        self.moments = Moments(direction, ("m", "v"))
         self.updates = 0  # of the parameter-sized states (bias correction)
 
+    def allocate_(self, ranges: list[WriteRange]) -> None:
+        self.moments.allocate_(ranges)
+
     def write_(self, target, out, src, start, update, rounding_key):
-        decay = self.decay(target, update.lr)
-        if target.name in self.subspace:
-            state = self.subspace[target.name]
+        decay = decay_factor(target, update.lr, self.weight_decay)
+        if target.name in self.moments.coordinates:
+            state = self.moments.coordinates[target.name]
             state.enter_window_(update.step)
             state.updates += 1
-            step = self._adam_step(state.tensors["m"], state.tensors["v"], self.projected_coordinates(state, update),
-                                   state.updates)
+            estimate = self.moments.projected_coordinates(target.name, update.grads, update.step)
+            step = self._adam_step(state.tensors["m"], state.tensors["v"], estimate, state.updates)
             self.direction.apply_coordinates_(out, src, target.name, target.shape, update.step, start, step,
                                               beta=decay, alpha=-update.lr, rounding_key=rounding_key)
             return
-        owner, tensors = self.full[target.name]
-        count = self.updates + 1  # self.updates advances once per step, in begin_
+        count = self.updates + 1  # self.updates advances once per step, in end_
         scratch = torch.empty(min(CHUNK_ELEMENTS, out.numel()), dtype=torch.float32, device=out.device)
         for lo in range(0, out.numel(), CHUNK_ELEMENTS):
             size = min(CHUNK_ELEMENTS, out.numel() - lo)
-            estimate = self.mean_direction_(scratch.narrow(0, 0, size), target, start + lo, update)
-            at = start + lo - owner.start
-            step = self._adam_step(tensors["m"].narrow(0, at, size), tensors["v"].narrow(0, at, size), estimate, count)
+            estimate = mean_direction_(self.direction, scratch.narrow(0, 0, size), target, start + lo, update)
+            moments = self.moments.slices(target.name, start + lo, size)
+            step = self._adam_step(moments["m"], moments["v"], estimate, count)
             kernels.apply_(out.narrow(0, lo, size), src.narrow(0, lo, size), beta=decay, alpha=-update.lr, dense=step,
                            offset=start + lo, rounding_key=rounding_key)
 
@@ -72,9 +81,19 @@ class Adam(Momentum):
         corrected_v = torch.div(v, 1 - beta2**count, out=estimate).sqrt_().add_(self.eps)
         return torch.div(m, corrected_v, out=corrected_v).div_(1 - beta1**count)
 
+    def state(self) -> list[StateTensor]:
+        return self.moments.state()
+
     def scalars(self):
-        return {**super().scalars(), "updates": self.updates}
+        return {**self.moments.scalars(), "updates": self.updates}
 
     def load_scalars_(self, values):
-        super().load_scalars_(values)
+        self.moments.load_scalars_(values)
         self.updates = int(values.get("updates", 0))
+
+
+register_update(UpdateSpec(
+    name="adam", options=AdamOptions, state_bytes_per_element=8, working_chunk_bytes=CHUNK_ELEMENTS * 4 * 2,
+    build=lambda direction, config: Adam(direction, config.weight_decay, tuple(config.update_options.betas),
+                                         config.update_options.adam_eps),
+))

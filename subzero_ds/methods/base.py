@@ -5,10 +5,13 @@
 - the estimator (``estimators.py``): which probes a step takes and how their losses become the
   projected gradient(s);
 - :class:`UpdateRule` (``sgd.py``, ``momentum.py``, ``adam.py``): how g·D becomes Δθ, and the state
-  it keeps, sharded exactly like the parameters (or in SubZero's r×r subspace coordinates).
+  it keeps, sharded exactly like the parameters (or in SubZero's r×r subspace coordinates,
+  ``moments.py``).
 
-Each method lives in one file of this package; :func:`subzero_ds.methods.build` assembles them
-from the ``"subzero"`` section.
+Each method and each update rule lives in one file of this package and registers itself
+(``registry.py``); :func:`subzero_ds.methods.build` assembles them from the ``"subzero"`` section.
+Update rules share code by composition (``moments.py`` and the functions below), never by
+inheriting an implementation.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from typing import Any
 
 import torch
 
-from .. import kernels
-from ..seeds import key_of, query_fields
 
 RoundingKey = tuple[int, int] | None
 
@@ -41,13 +42,6 @@ class Direction(ABC):
         is computed on that device, in fp32.
         """
 
-    def apply_gaussian_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
-                        start: int, beta: float, alpha: float, rounding_key: RoundingKey = None,
-                        query: int = 0) -> None:
-        """:meth:`apply_` with the i.i.d. N(0, 1) direction of ``name``."""
-        key = key_of(self.seed, "gaussian", step, name, shape, *query_fields(query))
-        kernels.apply_(out, src, beta=beta, alpha=alpha, key=key, offset=start, rounding_key=rounding_key)
-
     def full(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu",
              query: int = 0) -> torch.Tensor:
         """The whole fp32 D_{step,query} of ``name`` in its own shape, on ``device`` (the values of every slice)."""
@@ -58,6 +52,22 @@ class Direction(ABC):
     def has_lowrank(self, shape: tuple[int, ...]) -> bool:
         """Whether :meth:`lowrank` gives factors for a parameter of this shape."""
         return False
+
+    def coordinate_state(self, target: WriteRange, kinds: tuple[str, ...]) -> Any | None:
+        """Update-rule state of ``target`` in the direction's own coordinates (SubZero: r×r per matrix), or
+        None where the direction has none (the rule then keeps state the size of the parameter).
+
+        The state object has ``tensors`` (kind -> fp32 tensor), ``enter_window_(step)``,
+        ``coordinates(step, query)``, ``window`` and ``updates``; the direction writes a step given in
+        those coordinates with :meth:`apply_coordinates_`.
+        """
+        return None
+
+    def apply_coordinates_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
+                           start: int, coordinates: torch.Tensor, beta: float, alpha: float,
+                           rounding_key: RoundingKey = None) -> None:
+        """:meth:`apply_` with the direction given by its coordinates (only where :meth:`coordinate_state` gives state)."""
+        raise ValueError(f"{type(self).__name__} has no coordinates for {name} {shape}")
 
     def allocate_(self, ranges: list[WriteRange]) -> None:
         """Create per-parameter state over these write ranges (directions that keep some)."""
@@ -99,8 +109,6 @@ class LowRank:
     def v(self) -> torch.Tensor:
         """V (n×r)."""
         return self.vt.T
-
-
 
 
 @dataclass(frozen=True)
@@ -165,14 +173,9 @@ class WriteRange:
 class UpdateRule(ABC):
     """How the step's g_j·D_{t,j} become Δθ, and the state that takes (ZO-SGD keeps none).
 
-    Args:
-        direction: the method's direction generator.
-        weight_decay: λ, on matrices only (never biases or norms).
-        queries: q, the directions of each step; the update uses their mean.
+    Implementations share code through :func:`decay_factor`, :func:`mean_direction_` and
+    :class:`~subzero_ds.methods.moments.Moments`, not through a base class.
     """
-
-    def __init__(self, direction: Direction, weight_decay: float, queries: int = 1) -> None:
-        self.direction, self.weight_decay, self.queries = direction, weight_decay, queries
 
     def allocate_(self, ranges: list[WriteRange]) -> None:
         """Create the state for these parameters (called once, before the first step)."""
@@ -197,14 +200,17 @@ class UpdateRule(ABC):
     def load_scalars_(self, values: dict[str, Any]) -> None:
         """Restore what :meth:`scalars` returned."""
 
-    def decay(self, target: WriteRange, lr: float) -> float:
-        """The factor 1 − ηλ the update keeps of θ (1 for biases and norms)."""
-        return 1.0 - lr * (self.weight_decay if target.is_matrix else 0.0)
 
-    def mean_direction_(self, out: torch.Tensor, target: WriteRange, start: int, update: UpdateStep,
-                        beta: float = 0.0) -> torch.Tensor:
-        """``out`` (fp32) ← beta·out + (1/q)·Σ_j g_j·D_{t,j} over [start, start + len(out))."""
-        for query, grad in enumerate(update.grads):
-            self.direction.apply_(out, out, target.name, target.shape, update.step, start,
-                                  beta=beta if query == 0 else 1.0, alpha=grad / self.queries, query=query)
-        return out
+def decay_factor(target: WriteRange, lr: float, weight_decay: float) -> float:
+    """The factor 1 − ηλ an update keeps of θ (1 for biases and norms: λ applies to matrices only)."""
+    return 1.0 - lr * (weight_decay if target.is_matrix else 0.0)
+
+
+def mean_direction_(direction: Direction, out: torch.Tensor, target: WriteRange, start: int, update: UpdateStep,
+                    beta: float = 0.0) -> torch.Tensor:
+    """``out`` (fp32) ← beta·out + (1/q)·Σ_j g_j·D_{t,j} over [start, start + len(out)), q = len(update.grads)."""
+    queries = len(update.grads)
+    for query, grad in enumerate(update.grads):
+        direction.apply_(out, out, target.name, target.shape, update.step, start,
+                         beta=beta if query == 0 else 1.0, alpha=grad / queries, query=query)
+    return out

@@ -17,12 +17,23 @@ code, λ applies to matrices only, as for every method here.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from .. import kernels
-from ..seeds import key_of, query_fields
-from .base import Direction, StateTensor, UpdateRule, WriteRange
+from .base import Direction, StateTensor, UpdateRule, WriteRange, decay_factor
+from .estimators import Estimator
+from .mezo import gaussian_key
+from .registry import MethodSpec, Options, register_method
 
 CHUNK_ELEMENTS = 1 << 22  # z and √H·z are made a chunk at a time
+
+
+class HiZOOOptions(Options):
+    """HiZOO's keys in the ``"subzero"`` section."""
+
+    hessian_smooth: float = Field(
+        1e-8, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="HiZOO's Hessian smoothing α in [0, 1] (the authors' OPT-13B setting: 1e-8).")
 
 
 class HessianDirection(Direction):
@@ -39,7 +50,7 @@ class HessianDirection(Direction):
     def gaussian(self, name: str, shape: tuple[int, ...], step: int, start: int, size: int,
                  device: torch.device) -> torch.Tensor:
         """z over [start, start + size): the MeZO direction's values."""
-        return kernels.gaussian(size, key_of(self.seed, "gaussian", step, name, shape, *query_fields(0)), start, device)
+        return kernels.gaussian(size, gaussian_key(self.seed, step, name, shape), start, device)
 
     def hessian_slice(self, name: str, start: int, size: int) -> torch.Tensor:
         owner, hessian = self.hessian[name]
@@ -67,8 +78,7 @@ class HessianUpdate(UpdateRule):
     """
 
     def __init__(self, direction: HessianDirection, weight_decay: float, smooth: float) -> None:
-        super().__init__(direction, weight_decay, queries=1)
-        self.smooth = smooth
+        self.direction, self.weight_decay, self.smooth = direction, weight_decay, smooth
 
     def write_(self, target, out, src, start, update, rounding_key):
         clean, plus, minus = update.losses
@@ -81,5 +91,20 @@ class HessianUpdate(UpdateRule):
             estimate = z.square().div_(hessian).mul_(curvature)  # |ℓ+ + ℓ− − 2ℓ0| / 2ε² · z² / H
             hessian.mul_(1 - self.smooth).add_(estimate, alpha=self.smooth)
             direction = z.mul_(hessian.sqrt())
-            kernels.apply_(out.narrow(0, lo, size), src.narrow(0, lo, size), beta=self.decay(target, update.lr),
+            kernels.apply_(out.narrow(0, lo, size), src.narrow(0, lo, size), beta=decay_factor(target, update.lr, self.weight_decay),
                            alpha=-update.lr * grad, dense=direction, offset=start + lo, rounding_key=rounding_key)
+
+
+register_method(MethodSpec(
+    name="hizoo",
+    summary="Gaussian preconditioned by a diagonal Hessian estimate; probes ℓ0, ℓ+, ℓ− (HiZOO)",
+    options=HiZOOOptions,
+    direction=lambda options, seed, frozen_parameters: HessianDirection(seed),
+    estimator=lambda queries: Estimator(queries=1, clean=True),
+    updates=("sgd",),
+    update_rule=lambda direction, config: HessianUpdate(direction, config.weight_decay, config.options.hessian_smooth),
+    fusable=False,  # its direction reads H, which the fused pass's side paths do not see
+    multi_query=False,
+    state_bytes_per_element=4,
+    working_chunk_bytes=CHUNK_ELEMENTS * 4 * 2,
+))

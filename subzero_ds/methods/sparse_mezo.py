@@ -17,13 +17,26 @@ import math
 
 import torch
 
+from pydantic import Field
+
 from .. import kernels
 from ..distributed import sum_over_ranks
-from ..seeds import key_of, query_fields
 from .base import Direction
+from .mezo import gaussian_key
+from .registry import MethodSpec, Options, register_method
 
 CHUNK_ELEMENTS = 1 << 22
 FLOAT_BITS_INF = 0x7F800000  # the bits of +inf: every finite |θ| lies below
+
+
+class SparseMeZOOptions(Options):
+    """S-MeZO's keys in the ``"subzero"`` section."""
+
+    sparsity: float = Field(
+        0.75, gt=0.0, lt=1.0, allow_inf_nan=False,
+        description="S-MeZO: the share of each parameter's largest-magnitude elements left out, in (0, 1).")
+    mask_interval: int = Field(
+        100, ge=1, description="S-MeZO: steps between recomputations of the per-parameter magnitude thresholds.")
 
 
 class SparseDirection(Direction):
@@ -48,7 +61,7 @@ class SparseDirection(Direction):
         if beta == 0.0:
             raise ValueError("S-MeZO's direction depends on θ: apply it with src = θ and beta != 0")
         threshold = self.thresholds[name]
-        key = key_of(self.seed, "gaussian", step, name, shape, *query_fields(query))
+        key = gaussian_key(self.seed, step, name, shape, query)
         for lo in range(0, out.numel(), CHUNK_ELEMENTS):
             size = min(CHUNK_ELEMENTS, out.numel() - lo)
             theta = src.narrow(0, lo, size)
@@ -91,3 +104,15 @@ def _count_at_most(shard, bits: int) -> float:
             magnitude = local.narrow(0, lo, min(CHUNK_ELEMENTS, local.numel() - lo)).float().abs()
             count += int((magnitude.view(torch.int32) <= bits).sum())
     return float(count)
+
+
+register_method(MethodSpec(
+    name="sparse_mezo",
+    summary="the Gaussian direction on each parameter's small-magnitude weights only (S-MeZO)",
+    options=SparseMeZOOptions,
+    direction=lambda options, seed, frozen_parameters: SparseDirection(seed, options.sparsity, options.mask_interval),
+    updates=("sgd",),  # the mask is a function of the current θ, which a momentum state would outlive
+    fusable=False,  # the mask reads θ, which the fused pass's side paths do not see
+    multi_query=False,
+    direction_settings=("sparsity", "mask_interval"),
+))

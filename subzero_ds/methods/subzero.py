@@ -1,16 +1,58 @@
-"""SubZero (Yu et al. 2024, arXiv 2410.08989): D_t = μ·U·Z_t·Vᵀ in a lazily refreshed random subspace."""
+"""SubZero (Yu et al. 2024, arXiv 2410.08989): D_t = μ·U·Z_t·Vᵀ in a lazily refreshed random subspace.
+
+Everything SubZero-specific is here: its options, the near-square reshape, the bases U, V (drawn on
+the host, one window at a time), the per-step core Z, the low-rank factors the fused pass uses, and
+the r×r coordinates in which momentum and Adam keep their state (:class:`SubspaceState`).
+Parameters that are not matrices (biases, norm weights) take MeZO's Gaussian direction.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
 
 import torch
+from pydantic import Field
 
 from .. import kernels
 from ..seeds import key_of, query_fields
-from .base import Direction, LowRank
+from .base import Direction, LowRank, RoundingKey, WriteRange
+from .mezo import apply_gaussian_
+from .registry import MethodSpec, Options, register_method
+
+
+class Reshape(str, Enum):
+    """Whether SubZero views a matrix as its near-square factor pair before building U, V."""
+
+    AUTO = "auto"  # on when the model has frozen parameters (PEFT), off for full fine-tuning
+    ALWAYS = "always"
+    NEVER = "never"
+
+    def resolve(self, frozen_parameters: bool) -> bool:
+        """Whether to reshape, for a model with (PEFT) or without frozen parameters."""
+        return self is Reshape.ALWAYS or (self is Reshape.AUTO and frozen_parameters)
+
+
+class StateOnRefresh(str, Enum):
+    """What momentum/Adam state in subspace coordinates does when U, V are redrawn."""
+
+    RESET = "reset"  # start from zero in the new subspace
+    PROJECT = "project"  # carry over: M ← (U_newᵀ U_old) M (V_oldᵀ V_new)
+
+
+class SubZeroOptions(Options):
+    """SubZero's keys in the ``"subzero"`` section."""
+
+    rank: int = Field(24, ge=1, description="Subspace rank r of SubZero, an integer >= 1 (8..64; 24 is common).")
+    subspace_interval: int = Field(
+        1000, ge=1, description="Steps F between subspace refreshes of SubZero, an integer >= 1 (1000 published).")
+    reshape: Reshape = Field(
+        Reshape.AUTO, strict=False, description='"auto" (on for PEFT, off for full FT), "always" or "never".')
+    state_on_refresh: StateOnRefresh = Field(
+        StateOnRefresh.RESET, strict=False,
+        description='Momentum/Adam state at a subspace refresh: "reset" or "project" into the new subspace.')
 
 
 @lru_cache(maxsize=4096)
@@ -89,11 +131,13 @@ class SubspaceDirection(Direction):
         rank: subspace rank r (capped at min(m, n)).
         interval: window length F; the subspace of step t belongs to window t // F.
         reshape: view each matrix as its near-square factor pair before building U, V.
+        on_refresh: what update-rule state in subspace coordinates does when U, V are redrawn.
     """
 
-    def __init__(self, seed: int, rank: int, interval: int, reshape: bool) -> None:
+    def __init__(self, seed: int, rank: int, interval: int, reshape: bool,
+                 on_refresh: StateOnRefresh = StateOnRefresh.RESET) -> None:
         super().__init__(seed)
-        self.rank, self.interval, self.reshape = rank, interval, reshape
+        self.rank, self.interval, self.reshape, self.on_refresh = rank, interval, reshape, on_refresh
         self._cache: dict[str, tuple[int, Subspace]] = {}  # name -> (window, subspace)
         # (name, device) -> ((step, query), factors): a step's passes (perturb ±, update) share one μZ·Vᵀ.
         self._factors_of_step: dict[tuple[str, torch.device], tuple[tuple[int, int], LowRank]] = {}
@@ -122,14 +166,21 @@ class SubspaceDirection(Direction):
 
     def apply_(self, out, src, name, shape, step, start, beta, alpha, rounding_key=None, query=0):
         if len(shape) != 2:
-            return self.apply_gaussian_(out, src, name, shape, step, start, beta, alpha, rounding_key, query)
+            return apply_gaussian_(out, src, self.seed, name, shape, step, start, beta, alpha, rounding_key, query)
         factors = self._factors(name, shape, step, out.device, query)
         kernels.apply_(out, src, beta=beta, alpha=alpha, offset=start, lowrank=(factors.u, factors.core_vt),
                        rounding_key=rounding_key)
 
+    def coordinate_state(self, target: WriteRange, kinds: tuple[str, ...]) -> SubspaceState | None:
+        """r×r state for a matrix (its update rule's moments of g·Z); None for biases and norms."""
+        if len(target.shape) != 2:
+            return None
+        return SubspaceState(self, target.name, target.shape, kinds, self.on_refresh is StateOnRefresh.PROJECT,
+                             target.device)
+
     def apply_coordinates_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
                            start: int, coordinates: torch.Tensor, beta: float, alpha: float,
-                           rounding_key: tuple[int, int] | None = None) -> None:
+                           rounding_key: RoundingKey = None) -> None:
         """:meth:`apply_` with μ·U·C·Vᵀ for given r×r subspace coordinates C (fp32, ``out``'s device) in
         place of Z: how a subspace update rule (momentum, Adam) writes its step."""
         u, vt = self.subspace(name, shape, step).on(out.device)
@@ -219,3 +270,24 @@ class SubspaceState:
         for kind, tensor in self.tensors.items():
             p, q = (left, right) if kind != "v" else (left.square(), right.square())
             tensor.copy_(p.to(tensor.device) @ tensor @ q.to(tensor.device))
+
+
+def _state_on_refresh_needs_state(config) -> str | None:
+    """``state_on_refresh`` concerns momentum/Adam state: with ZO-SGD there is none."""
+    if "state_on_refresh" in config.options.model_fields_set and config.update == "sgd":
+        return ("`subzero.state_on_refresh` is set, but it applies to `subzero.update` \"momentum\" or \"adam\" only "
+                '(got "sgd"): remove it, or choose one of those update rules.')
+    return None
+
+
+register_method(MethodSpec(
+    name="subzero",
+    summary="μ·U·Z·Vᵀ in a random rank-r subspace, redrawn every F steps (SubZero)",
+    options=SubZeroOptions,
+    direction=lambda options, seed, frozen_parameters: SubspaceDirection(
+        seed, options.rank, options.subspace_interval, options.reshape.resolve(frozen_parameters),
+        options.state_on_refresh),
+    subspace_rank=lambda options: options.rank,
+    direction_settings=("rank", "subspace_interval", "reshape"),
+    rules=(_state_on_refresh_needs_state,),
+))

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
@@ -174,36 +173,3 @@ def collect_shards(model: nn.Module) -> list[ParamShard]:
     return shards
 
 
-def partition_for_nvme(model: nn.Module, ds_config: Mapping[str, Any]) -> None:
-    """Partition ``model`` for NVMe offload with swap buffers of the config's dtype (call before
-    ``deepspeed.initialize``; a no-op unless ``offload_param.device`` is ``"nvme"`` and the model is
-    not partitioned yet).
-
-    Why: ``deepspeed.initialize`` partitions a plain model with ``zero.Init(dtype=<model dtype>)``,
-    and DeepSpeed 0.19's ``_set_dtype`` (``dtype or torch.float16 if is_fp16_supported() else
-    torch.bfloat16 …``) drops that dtype on an accelerator without fp16 (the CPU one): the NVMe swap
-    buffers become bf16 and the first forward of an fp32 model fails with "expected m1 and m2 to have
-    the same dtype". ``zero.Init`` given the config and no dtype takes the dtype from the config
-    (fp32 unless ``bf16``/``fp16`` is enabled), as ``from_pretrained`` under ``HfDeepSpeedConfig`` does.
-    Floating parameters are first cast to that dtype, as ``deepspeed.initialize`` would.
-
-    Args:
-        model: the model about to be wrapped.
-        ds_config: the DeepSpeed config (with a batch size set; the ``"subzero"`` section may be present).
-    """
-    zero = ds_config.get("zero_optimization") or {}
-    offload = zero.get("offload_param") or {}
-    if zero.get("stage") != 3 or offload.get("device") != OffloadDeviceEnum.nvme.value:
-        return
-    if any(is_partitioned(p) for p in model.parameters()):
-        return  # partitioned at load time (HfDeepSpeedConfig): zero.Init already had the config
-    dtype = torch.float32
-    if (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled"):
-        dtype = torch.bfloat16
-    elif (ds_config.get("fp16") or {}).get("enabled"):
-        dtype = torch.float16
-    for param in model.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-    config = {k: v for k, v in ds_config.items() if k != "subzero"}
-    deepspeed.zero.Init(module=model, config_dict_or_path=config)

@@ -20,6 +20,7 @@ import weakref
 from pathlib import Path
 
 import deepspeed
+import torch
 from torch import nn
 
 from subzero_ds import distributed, train
@@ -112,7 +113,7 @@ def measure_train_load(argv: list[str]) -> dict:
 def measure_without_hf_config(model_path: str) -> dict:
     peak = [0]
     with parameter_bytes_tracker(peak):
-        model = train.load_model(model_path, masked_lm=False, ds_config=DS_CONFIG)
+        model = train.load_model(model_path, masked_lm=False, dtype=torch.float32)
     return summary(model, peak[0])
 
 

@@ -11,6 +11,8 @@ import argparse
 import torch
 
 import subzero_ds
+from helpers.configs import zo_section
+from subzero_ds.methods import registry
 from helpers.tiny import pattern_batch, rank_slice, tiny_model
 from subzero_ds.distributed import exit_process, get_world_size_and_rank, init_distributed
 from subzero_ds.checkpoint.export import iter_full_state
@@ -27,12 +29,15 @@ CASES = {
     "sparse-mezo": ({"method": "sparse_mezo", "lr": 2e-4, "mask_interval": 5}, {}),
     "subzero-accumulation": ({"lr": 2e-4}, {"gradient_accumulation_steps": 2}),
 }
+# Every other registered method, with its defaults (MeZO's plain trajectory is tests/distributed/trajectory.py's).
+CASES.update({f"{name}-default": ({"method": name, "lr": 2e-4}, {}) for name in registry.method_names()
+              if name not in {"subzero", "mezo", *(case.get("method") for case, _ in CASES.values())}})
 
 
 def settings(name: str) -> dict:
     subzero, extra = CASES[name]
     return {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-            "subzero": {"method": "subzero", "eps": 1e-3, "rank": 4, "subspace_interval": 5, "seed": 3, **subzero},
+            "subzero": zo_section(**{"method": "subzero", "eps": 1e-3, "rank": 4, "subspace_interval": 5, "seed": 3, **subzero}),
             **extra}
 
 

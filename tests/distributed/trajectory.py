@@ -13,6 +13,7 @@ import torch
 
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
+from helpers.configs import zo_section
 from subzero_ds.config import ConfigError
 from helpers.tiny import pattern_batch, rank_slice, tiny_model
 from subzero_ds.distributed import get_world_size_and_rank
@@ -40,8 +41,7 @@ def run_case(arch: str, stage: int, method: str, persistence: int, tuning: str, 
     lr = LR * 2 if tuning == "lora" else LR  # LoRA has fewer, smaller-gradient elements: a larger step still fits 1e-5
     config = {
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence, **(zero_extra or {})},
-        "subzero": {"method": method, "lr": lr, "eps": 1e-3, "rank": 4, "subspace_interval": 7, "seed": seed,
-                    **(subzero_extra or {})},
+        "subzero": zo_section(method, lr=lr, eps=1e-3, rank=4, subspace_interval=7, seed=seed, **(subzero_extra or {})),
     }
     engine = subzero_ds.initialize(model=add_adapter(tiny_model(arch), Tuning(tuning)), config=config)
     world_size, rank = get_world_size_and_rank()

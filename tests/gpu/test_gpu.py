@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.configs import zo_section
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,8 +31,7 @@ def make_config(fused: bool = False, method: str = "subzero", lr: float = 1e-4, 
     if offload:
         zero["offload_param"] = {"device": offload, "pin_memory": True}
     config = {"zero_optimization": zero,
-              "subzero": {"method": method, "lr": lr, "eps": 1e-3, "rank": 4, "subspace_interval": 5, "seed": 2,
-                          "fused": fused}}
+              "subzero": zo_section(method, lr=lr, eps=1e-3, rank=4, subspace_interval=5, seed=2, fused=fused)}
     if bf16:
         config["bf16"] = {"enabled": True}
     return config

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, RobertaConfig
 
 import subzero_ds
+from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds.train import is_masked_lm, parse_args
@@ -18,8 +19,8 @@ from subzero_ds.train import is_masked_lm, parse_args
 # while a wrong direction moves them by lr·|g|·|d| ~ 1e-4, far above the 1e-5 bound.
 def make_config(fused: bool, method: str = "subzero") -> dict:
     return {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-            "subzero": {"method": method, "lr": 1e-4, "eps": 1e-3, "rank": 4, "subspace_interval": 5, "seed": 2,
-                        "fused": fused}}
+            "subzero": zo_section(**{"method": method, "lr": 1e-4, "eps": 1e-3, "rank": 4, "subspace_interval": 5, "seed": 2,
+                        "fused": fused})}
 
 
 def run(arch: str, fused: bool, method: str = "subzero", steps: int = 6):

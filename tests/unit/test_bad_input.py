@@ -19,7 +19,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from subzero_ds.config import ConfigError, SubZeroConfig, check_deepspeed_accepts, load_ds_config, parse_config
+from subzero_ds.config import ConfigError, check_deepspeed_accepts, load_ds_config, parse_config
+from subzero_ds.config.subzero import CoreSettings
+from subzero_ds.methods import registry
 from subzero_ds.tasks.encoding import SampleEncoder, check_examples
 from subzero_ds.tasks import DataError, Sample, find_local_file, get_task, load_samples
 from subzero_ds.train import main
@@ -50,8 +52,8 @@ ACCEPTS = {
     "max_consecutive_skips": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
     "fused": lambda v: isinstance(v, bool),
-    "method": lambda v: v in ("subzero", "mezo", "hizoo", "sparse_mezo"),
-    "update": lambda v: v in ("sgd", "momentum", "adam"),
+    "method": lambda v: isinstance(v, str) and v in registry.method_names(),
+    "update": lambda v: isinstance(v, str) and v in registry.update_names(),
     "queries": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "momentum": lambda v: is_number(v) and math.isfinite(v) and 0 <= v < 1,
     "betas": lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(b) and math.isfinite(b) and 0 <= b < 1
@@ -64,17 +66,32 @@ ACCEPTS = {
 }
 
 
+# key -> ("method" | "update", its name) for the keys a method or an update rule owns; the rest are core keys.
+OWNERS = {key: (kind, name) for kind, names, spec in (("method", registry.method_names(), registry.method),
+                                                      ("update", registry.update_names(), registry.update))
+          for name in names for key in spec(name).options.model_fields}
+
+
+def foreign(section: dict, key: str) -> bool:
+    """Whether ``key`` belongs to a method or update rule other than the section's."""
+    if key not in OWNERS:
+        return False
+    kind, name = OWNERS[key]
+    return section.get(kind, "subzero" if kind == "method" else "sgd") != name
+
+
 def conflicts(section: dict) -> bool:
-    """Whether valid settings still cannot combine (SubZeroConfig's combination rules, restated)."""
-    method, update = section.get("method", "subzero"), section.get("update", "sgd")
-    if method in ("hizoo", "sparse_mezo") and (update != "sgd" or section.get("queries", 1) != 1
-                                               or section.get("fused", False)):
+    """Whether valid settings still cannot combine (the registered methods' declarations, restated as rules)."""
+    spec = registry.method(section.get("method", "subzero"))
+    update = section.get("update", "sgd")
+    if update not in spec.updates or (section.get("queries", 1) != 1 and not spec.multi_query) or (
+            section.get("fused", False) and not spec.fusable):
         return True
-    return "state_on_refresh" in section and (method != "subzero" or update == "sgd")
+    return "state_on_refresh" in section and update == "sgd"
 
 
 def test_the_property_table_covers_every_setting():
-    assert set(ACCEPTS) == set(SubZeroConfig.model_fields)
+    assert set(ACCEPTS) == set(CoreSettings.model_fields) | set(OWNERS)
 
 
 @st.composite
@@ -89,8 +106,9 @@ def bad_setting(draw):
 @given(bad_setting())
 def test_a_bad_setting_is_named_with_its_value_and_what_it_expects(setting):
     key, value = setting
+    owner = {OWNERS[key][0]: OWNERS[key][1]} if key in OWNERS else {}  # in its method's (or update rule's) section
     with pytest.raises(ConfigError) as caught:
-        parse_config({"subzero": {key: value}}, "run.json")
+        parse_config({"subzero": {**owner, key: value}}, "run.json")
     message = str(caught.value)
     assert "run.json" in message and f"`subzero.{key}`" in message
     assert message.count("\n  - ") == 1
@@ -101,7 +119,7 @@ def test_a_bad_setting_is_named_with_its_value_and_what_it_expects(setting):
 @FAST
 @given(st.dictionaries(st.sampled_from(sorted(ACCEPTS)), json_values, min_size=1))
 def test_valid_settings_parse_and_each_bad_one_is_listed_once(section):
-    bad = sorted(k for k, v in section.items() if not ACCEPTS[k](v))
+    bad = sorted(k for k, v in section.items() if foreign(section, k) or not ACCEPTS[k](v))
     if not bad:
         if conflicts(section):  # named by test_methods.py's combination test
             with pytest.raises(ConfigError):
@@ -355,7 +373,7 @@ def test_a_bad_config_file_is_rejected_listing_every_problem(files, tmp_path_fac
     config = root / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3, unknown: 1}, "subzero": section}))
     argv = with_flag(base_argv(files, root / "out"), "--deepspeed_config", str(config))
-    bad = [k for k, v in section.items() if not ACCEPTS[k](v)]
+    bad = [k for k, v in section.items() if foreign(section, k) or not ACCEPTS[k](v)]
     assert_rejected(files, argv, str(config), *(f"`subzero.{k}`" for k in bad), f"`zero_optimization.{unknown}`")
 
 

@@ -11,14 +11,15 @@ import torch
 
 import subzero_ds
 from subzero_ds.checkpoint.sharded import CheckpointError, latest_checkpoint, list_checkpoints
+from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.checkpoint.export import iter_full_state
 
 
 def make_engine(fused=False, bf16=False, **subzero):
     config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000},
-              "subzero": {"lr": 1e-3, "eps": 1e-3, "rank": 4, "subspace_interval": 3, "seed": 7, "fused": fused,
-                          **subzero}}
+              "subzero": zo_section(**{"lr": 1e-3, "eps": 1e-3, "rank": 4, "subspace_interval": 3, "seed": 7,
+                                       "fused": fused, **subzero})}
     if bf16:
         config["bf16"] = {"enabled": True}
     return subzero_ds.initialize(model=tiny_model("llama"), config=config)

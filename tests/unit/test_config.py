@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from subzero_ds.config import ConfigError, Method, Reshape, load_ds_config, parse_config
+from subzero_ds.config import ConfigError, load_ds_config, parse, parse_config
+from subzero_ds.config.deepspeed import Precision
+from subzero_ds.methods.subzero import Reshape
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -13,27 +15,66 @@ SHIPPED_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 def test_defaults_fill_an_empty_section():
     settings = parse_config({"zero_optimization": {"stage": 3}, "subzero": {}})
-    assert settings.method is Method.SUBZERO and settings.reshape is Reshape.AUTO
-    assert (settings.eps, settings.rank, settings.subspace_interval, settings.seed) == (1e-3, 24, 1000, 0)
+    assert settings.method == "subzero" and settings.options.reshape is Reshape.AUTO
+    assert (settings.eps, settings.options.rank, settings.options.subspace_interval, settings.seed) == (1e-3, 24, 1000, 0)
 
 
 def test_valid_section_is_parsed():
-    settings = parse_config({"subzero": {"method": "mezo", "lr": 1e-5, "eps": 1e-2, "weight_decay": 0.1, "reshape": "never", "seed": 7}})
-    assert settings.method is Method.MEZO and settings.reshape is Reshape.NEVER
+    settings = parse_config({"subzero": {"method": "subzero", "lr": 1e-5, "eps": 1e-2, "weight_decay": 0.1,
+                                         "reshape": "never", "seed": 7, "update": "adam", "betas": [0.8, 0.9]}})
+    assert settings.method == "subzero" and settings.options.reshape is Reshape.NEVER
     assert (settings.lr, settings.eps, settings.weight_decay, settings.seed) == (1e-5, 1e-2, 0.1, 7)
+    assert settings.update == "adam" and settings.update_options.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("section,owner", [
+    ({"method": "mezo", "rank": 8}, '`subzero.method` "subzero"'),
+    ({"method": "subzero", "sparsity": 0.5}, '`subzero.method` "sparse_mezo"'),
+    ({"method": "mezo", "hessian_smooth": 1e-3}, '`subzero.method` "hizoo"'),
+    ({"update": "sgd", "betas": [0.9, 0.99]}, '`subzero.update` "adam"'),
+    ({"update": "adam", "momentum": 0.9}, '`subzero.update` "momentum"'),
+])
+def test_a_key_of_another_method_or_update_rule_is_refused_by_name(section, owner):
+    """`"method": "mezo"` with `"rank"` parsed silently once (and then blocked a resume): now it names the owner."""
+    key = next(k for k in section if k not in ("method", "update"))
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"subzero": section})
+    message = str(caught.value)
+    assert f"`subzero.{key}`" in message and owner in message and "remove it" in message
+    assert message.count("\n  - ") == 1
+
+
+def test_the_flat_dump_round_trips_and_names_what_defines_the_directions():
+    section = {"method": "subzero", "rank": 8, "update": "momentum", "momentum": 0.5, "seed": 3}
+    settings = parse_config({"subzero": section})
+    assert parse_config({"subzero": settings.flat()}) == settings
+    assert settings.direction_settings() == {"method": "subzero", "seed": 3, "queries": 1, "update": "momentum",
+                                             "rank": 8, "subspace_interval": 1000, "reshape": "auto"}
+    assert "rank" not in parse_config({"subzero": {"method": "mezo"}}).flat()
+
+
+def test_deepspeed_settings_are_read_once_with_their_aliases_and_defaults():
+    _, deepspeed = parse({"subzero": {}, "bfloat16": {"enabled": True}, "gradient_accumulation_steps": 4,
+                          "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"},
+                                                "stage3_param_persistence_threshold": 5e3}})
+    assert deepspeed.precision is Precision.BF16 and deepspeed.stage == 3 and deepspeed.offload_device == "cpu"
+    assert (deepspeed.accumulation_steps, deepspeed.persistence_threshold, deepspeed.prefetch_bucket_size) == (4, 5000, 50_000_000)
+    assert "subzero" not in deepspeed.section
+    _, default = parse({"subzero": {}})
+    assert (default.precision, default.stage, default.offload_device, default.accumulation_steps) == (Precision.FP32, 0, "none", 1)
 
 
 def test_every_problem_is_reported_at_once_with_key_value_and_fix():
     bad = {
         "optimizer": {"type": "AdamW"},
         "zero_optimization": {"stage": 2},
-        "subzero": {"method": "sgd", "lr": "1e-5", "eps": -1, "rnak": 8, "subspace_interval": 0},
+        "subzero": {"method": "subzero", "lr": "1e-5", "eps": -1, "rnak": 8, "subspace_interval": 0, "update": "sgdd"},
     }
     with pytest.raises(ConfigError) as caught:
         parse_config(bad, "my.json")
     message = str(caught.value)
     assert "my.json" in message
-    for fragment in ["`subzero.method`", "'sgd'", "`subzero.lr`", "'1e-5'", "`subzero.eps`", "-1",
+    for fragment in ["`subzero.update`", "'sgdd'", "`subzero.lr`", "'1e-5'", "`subzero.eps`", "-1",
                      "`subzero.rnak`", "known settings", "`subzero.subspace_interval`",
                      "`optimizer`", "Remove the `optimizer` block", "`zero_optimization.stage` is 2", "Use 3"]:
         assert fragment in message, fragment

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import subzero_ds
 from subzero_ds.config import ConfigError
+from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.checkpoint.export import iter_full_state
 
@@ -16,7 +17,7 @@ from subzero_ds.checkpoint.export import iter_full_state
 def make_config(stage=3, method="subzero", lr=1e-3, bf16=False, persistence=100_000, **subzero):
     config = {
         "zero_optimization": {"stage": stage},
-        "subzero": {"method": method, "lr": lr, "eps": 1e-3, "rank": 4, "subspace_interval": 5, "seed": 1, **subzero},
+        "subzero": zo_section(**{"method": method, "lr": lr, "eps": 1e-3, "rank": 4, "subspace_interval": 5, "seed": 1, **subzero}),
     }
     if stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
@@ -153,7 +154,7 @@ def test_initialize_accepts_a_deepspeed_args_namespace(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text('{"zero_optimization": {"stage": 3}, "subzero": {"method": "mezo", "seed": 4}}')
     engine = subzero_ds.initialize(model=tiny_model("opt"), args=argparse.Namespace(deepspeed_config=str(path)))
-    assert engine.config.seed == 4 and engine.config.method.value == "mezo"
+    assert engine.config.seed == 4 and engine.config.method == "mezo"
 
 
 def test_user_errors_are_explained():

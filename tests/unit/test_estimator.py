@@ -25,6 +25,7 @@ import subzero_ds
 from torch import nn
 from torch.func import functional_call
 
+from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.optimizer import Direction, GaussianDirection, SubspaceDirection
 
@@ -213,8 +214,8 @@ def engine_runs() -> dict[tuple[str, str], EngineRun]:
         grad = problem.grad.double()
         for method in METHODS:
             config = {"zero_optimization": {"stage": 3},
-                      "subzero": {"method": method, "lr": 0.0, "eps": EPS, "rank": RANK, "subspace_interval": 1,
-                                  "reshape": "never", "seed": 5}}
+                      "subzero": zo_section(**{"method": method, "lr": 0.0, "eps": EPS, "rank": RANK, "subspace_interval": 1,
+                                  "reshape": "never", "seed": 5})}
             engine = subzero_ds.initialize(model=tiny_model(arch, seed=0), config=config)
             shapes = {shard.name: tuple(shard.shape) for shard in engine.shards}
             assert shapes == dict(zip(problem.names, problem.shapes))  # the engine trains what autograd differentiates

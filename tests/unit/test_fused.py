@@ -9,6 +9,7 @@ from transformers import OPTForCausalLM
 
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
+from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_config, tiny_model
 from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds import fused as fused_module
@@ -21,8 +22,8 @@ def make_config(fused: bool, method: str = "subzero", lr: float = 1e-4, eps: flo
                 persistence: int = 0) -> dict:
     config = {
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence},
-        "subzero": {"method": method, "lr": lr, "eps": eps, "rank": 4, "subspace_interval": 5, "seed": 2,
-                    "fused": fused},
+        "subzero": zo_section(**{"method": method, "lr": lr, "eps": eps, "rank": 4, "subspace_interval": 5, "seed": 2,
+                    "fused": fused}),
     }
     if bf16:
         config["bf16"] = {"enabled": True}

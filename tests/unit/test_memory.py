@@ -193,7 +193,7 @@ def test_bad_numbers_name_the_key():
         estimate("opt-13b", ds_config(), Cluster(nodes=0))
     with pytest.raises(MemoryPlanError, match="`seq_len` is -5"):
         estimate("opt-13b", ds_config(), batch=BatchShape(1, -5))
-    with pytest.raises(MemoryPlanError, match="stage3_prefetch_bucket_size"):
+    with pytest.raises(ConfigError, match="stage3_prefetch_bucket_size"):
         estimate("opt-13b", {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "big"}})
     with pytest.raises(MemoryPlanError, match="zero_optimization.stage"):
         estimate("opt-13b", {"zero_optimization": {"stage": 0}})

@@ -15,9 +15,12 @@ import pytest
 import torch
 
 import subzero_ds
+from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.checkpoint.export import iter_full_state
-from subzero_ds.methods import GaussianDirection, SubspaceDirection
+from subzero_ds.methods import registry
+from subzero_ds.methods.mezo import GaussianDirection
+from subzero_ds.methods.subzero import SubspaceDirection
 
 STEPS = 10
 LR, EPS, DECAY = 2e-3, 1e-3, 0.1
@@ -25,8 +28,8 @@ LR, EPS, DECAY = 2e-3, 1e-3, 0.1
 
 def config(method: str = "subzero", **subzero) -> dict:
     return {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-            "subzero": {"method": method, "lr": LR, "eps": EPS, "weight_decay": DECAY, "rank": 3,
-                        "subspace_interval": 4, "seed": 7, **subzero}}
+            "subzero": zo_section(method, **{"lr": LR, "eps": EPS, "weight_decay": DECAY, "rank": 3,
+                                             "subspace_interval": 4, "seed": 7, **subzero})}
 
 
 def run_engine(settings: dict, steps: int = STEPS, arch: str = "llama"):
@@ -233,7 +236,8 @@ def test_weights_are_not_left_perturbed_between_micro_batches():
 @pytest.mark.parametrize("settings", [
     {"update": "momentum"}, {"update": "adam", "state_on_refresh": "project"}, {"method": "hizoo"},
     {"method": "sparse_mezo", "mask_interval": 2}, {"method": "mezo", "update": "adam"}, {"queries": 2},
-])
+    *({"method": name} for name in registry.method_names() if name not in ("hizoo", "sparse_mezo")),
+], ids=str)
 def test_resume_is_bit_exact_with_the_method_state(tmp_path, settings):
     settings = config(**{"method": "subzero", **settings})
     reference = subzero_ds.initialize(model=tiny_model("llama"), config=settings)
@@ -275,16 +279,19 @@ def test_settings_that_cannot_combine_are_refused_naming_both_keys(settings, key
     assert all(key in str(caught.value) for key in keys), str(caught.value)
 
 
-@pytest.mark.parametrize("settings", [
-    {"method": "subzero"}, {"method": "mezo"}, {"method": "subzero", "update": "momentum", "lr": 5e-4},
+LEARNING_CASES = [
+    {"method": "subzero", "update": "momentum", "lr": 5e-4},
     {"method": "subzero", "update": "adam", "lr": 2e-3}, {"method": "mezo", "update": "adam", "lr": 2e-3},
-    {"method": "hizoo"}, {"method": "sparse_mezo", "sparsity": 0.5}, {"method": "subzero", "queries": 4},
-])
+    {"method": "sparse_mezo", "sparsity": 0.5}, {"method": "subzero", "queries": 4},
+]
+
+
+@pytest.mark.parametrize("settings", [  # and every other registered method with its defaults
+    *LEARNING_CASES, *({"method": name} for name in registry.method_names() if name != "sparse_mezo")], ids=str)
 def test_each_method_lowers_the_loss_of_the_pattern_task(settings):
     """40 steps on one fixed batch: the mean loss of the last 5 steps is below the first 5's."""
-    base = {"lr": 5e-3, "eps": 1e-3, "rank": 4, "subspace_interval": 1000, "seed": 0}
-    engine = subzero_ds.initialize(model=tiny_model("llama"),
-                                   config={"zero_optimization": {"stage": 0}, "subzero": {**base, **settings}})
+    section = zo_section(**{"lr": 5e-3, "eps": 1e-3, "rank": 4, "subspace_interval": 1000, "seed": 0, **settings})
+    engine = subzero_ds.initialize(model=tiny_model("llama"), config={"zero_optimization": {"stage": 0}, "subzero": section})
     batch = pattern_batch(8, seed=0)
     losses = [engine.step(batch).loss for _ in range(40)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.02, losses

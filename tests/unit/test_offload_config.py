@@ -12,11 +12,24 @@ from pathlib import Path
 
 import pytest
 
-import subzero_ds.config as config_module
-from subzero_ds.config import ConfigError, check_nvme_buffers, check_offload_paths
+from subzero_ds.config import ConfigError, environment
+from subzero_ds.config.deepspeed import parse_deepspeed
+from subzero_ds.config.errors import raise_problems
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "zero_optimization.offload_param.nvme_path"
+
+
+def check_offload_paths(ds_config: dict) -> None:
+    settings, problems = parse_deepspeed(ds_config)
+    assert not problems
+    raise_problems(environment.nvme_offload_problems(settings), "the DeepSpeed config")
+
+
+def check_nvme_buffers(ds_config: dict, numels: dict, world_size: int) -> None:
+    settings, problems = parse_deepspeed(ds_config)
+    assert not problems
+    raise_problems(environment.nvme_buffer_problems(settings, numels, world_size), "the DeepSpeed config")
 
 
 def nvme_config(path, **offload) -> dict:
@@ -27,7 +40,7 @@ def nvme_config(path, **offload) -> dict:
 def libaio_present(request, monkeypatch):
     """Most tests are about the path checks: the libaio probe answers yes (tests using ``real_libaio`` run it)."""
     if "real_libaio" not in request.fixturenames:
-        monkeypatch.setattr(config_module, "_async_io_available", lambda: True)
+        monkeypatch.setattr(environment, "async_io_available", lambda: True)
 
 
 @pytest.fixture
@@ -70,7 +83,7 @@ def test_read_only_directory_is_rejected(tmp_path, monkeypatch):
 
 
 def test_missing_libaio_is_reported_with_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "_async_io_available", lambda: False)
+    monkeypatch.setattr(environment, "async_io_available", lambda: False)
     with pytest.raises(ConfigError) as error:
         check_offload_paths(nvme_config(tmp_path / "missing"))
     message = str(error.value)
@@ -78,7 +91,7 @@ def test_missing_libaio_is_reported_with_the_install_command(tmp_path, monkeypat
 
 
 def test_installed_libaio_passes_the_real_probe(tmp_path, real_libaio):
-    assert config_module._async_io_available()  # DeepSpeed's own compile-and-link probe of io_submit
+    assert environment.async_io_available()  # DeepSpeed's own compile-and-link probe of io_submit
     check_offload_paths(nvme_config(tmp_path))
 
 
@@ -90,7 +103,7 @@ def test_a_linker_without_libaio_fails_the_real_probe_with_the_install_command(t
                         f'exec {shutil.which("gcc")} "$@"\n')
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))  # distutils' customize_compiler: the compiler and the linker
-    assert not config_module._async_io_available()
+    assert not environment.async_io_available()
     with pytest.raises(ConfigError) as error:
         check_offload_paths(nvme_config(tmp_path))
     assert "libaio-dev" in str(error.value) and "async_io" in str(error.value)
@@ -109,16 +122,14 @@ def test_read_only_directory_is_rejected_for_a_real_non_root_user():
     os.chown(writable, 65534, 65534)
     script = textwrap.dedent(f"""
         import os
-        import subzero_ds.config as config
-        libaio = config._async_io_available()  # as root: the probe compiles with files only root may read
-        config._async_io_available = lambda: libaio
+        from subzero_ds.config import environment
+        from subzero_ds.config.deepspeed import parse_deepspeed
+        libaio = environment.async_io_available()  # as root: the probe compiles with files only root may read
+        environment.async_io_available = lambda: libaio
         os.setgroups([]); os.setgid(65534); os.setuid(65534)
         assert os.geteuid() == 65534
-        config.check_offload_paths({nvme_config(writable)!r})  # nobody's own directory passes
-        try:
-            config.check_offload_paths({nvme_config(read_only)!r})
-        except config.ConfigError as error:
-            print(error)
+        assert not environment.nvme_offload_problems(parse_deepspeed({nvme_config(writable)!r})[0])  # nobody's own directory passes
+        print(*environment.nvme_offload_problems(parse_deepspeed({nvme_config(read_only)!r})[0]))
     """)
     try:
         finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -130,7 +141,7 @@ def test_read_only_directory_is_rejected_for_a_real_non_root_user():
 
 @pytest.mark.parametrize("zero", [{"stage": 3}, {"stage": 3, "offload_param": {"device": "cpu", "nvme_path": "/no/such"}}])
 def test_other_devices_need_no_swap_directory(zero, monkeypatch):
-    monkeypatch.setattr(config_module, "_async_io_available", lambda: False)
+    monkeypatch.setattr(environment, "async_io_available", lambda: False)
     check_offload_paths({"zero_optimization": zero})
 
 

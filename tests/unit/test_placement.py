@@ -25,7 +25,8 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from subzero_ds import distributed, methods
 from subzero_ds.tasks.encoding import candidate_scores, classification_loss
 from subzero_ds.fused import FusedPass
-from subzero_ds.config import Reshape, SubZeroConfig, UpdateRounding
+from subzero_ds.config import SubZeroConfig, UpdateRounding
+from subzero_ds.methods import registry
 from subzero_ds.methods.base import UpdateStep
 from subzero_ds.methods.mezo import GaussianDirection
 from subzero_ds.methods.subzero import SubspaceDirection
@@ -91,8 +92,10 @@ def shards_of(model: nn.Module) -> list[ParamShard]:
             for n, p in model.named_parameters()]
 
 
-# Every method of the family (direction × update rule), as the "subzero" section configures it.
+# Every method of the family (direction × update rule), as the "subzero" section configures it: each
+# registered method with its defaults, and the update rules and options that change where state lives.
 METHODS = {
+    **{name: {"method": name} for name in registry.method_names()},
     "subzero": {"method": "subzero", "rank": 4},
     "subzero-reshape": {"method": "subzero", "rank": 4, "reshape": "always"},
     "mezo": {"method": "mezo"},
@@ -107,7 +110,7 @@ METHODS = {
 
 def method_of(name: str) -> methods.ZOMethod:
     settings = SubZeroConfig.model_validate({"seed": 1, "weight_decay": 0.1, **METHODS[name]})
-    return methods.build(settings, reshape=settings.reshape is Reshape.ALWAYS)
+    return methods.build(settings)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

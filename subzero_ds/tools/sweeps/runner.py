@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ...config import ConfigError
+from ...config.subzero import drop_other_methods_keys
 from .spec import Cell, Sweep
 
 REPO = Path(__file__).resolve().parents[3]
@@ -39,6 +40,14 @@ def is_finished(root: Path, cell: Cell) -> bool:
     return (cell_dir(root, cell) / "run" / "eval_results.json").is_file()
 
 
+def run_config(deepspeed: dict) -> dict:
+    """A cell's DeepSpeed config as its run reads it: the sweep's shared ``"subzero"`` settings that belong to
+    other methods (SubZero's ``rank`` in a MeZO cell) are left out of the cell's section."""
+    if "subzero" not in deepspeed:
+        return deepspeed
+    return {**deepspeed, "subzero": drop_other_methods_keys(deepspeed["subzero"])}
+
+
 def prepare(root: Path, sweep: Sweep, cells: list[Cell]) -> None:
     """Write the sweep file and every cell's resolved run into ``root``."""
     (root / "cells").mkdir(parents=True, exist_ok=True)
@@ -48,7 +57,7 @@ def prepare(root: Path, sweep: Sweep, cells: list[Cell]) -> None:
         directory.mkdir(exist_ok=True)
         (directory / "cell.json").write_text(cell.model_dump_json(indent=2))
         if cell.deepspeed is not None:
-            (directory / "ds.json").write_text(json.dumps(cell.deepspeed, indent=2))
+            (directory / "ds.json").write_text(json.dumps(run_config(cell.deepspeed), indent=2))
 
 
 def train_arguments(root: Path, cell: Cell) -> list[str]:

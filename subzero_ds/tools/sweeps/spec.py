@@ -153,14 +153,16 @@ class Cell(BaseModel):
 def forwards_per_step(sweep: Sweep, method: MethodSpec) -> float:
     """What one step of ``method`` costs in forward passes over the global batch.
 
-    ZO: its probes (two-point 2 per query, HiZOO 3); first-order: ``first_order_forwards_per_step``.
+    ZO: its probes, as the method's registered estimator takes them (two-point: 2 per query, HiZOO 3);
+    first-order: ``first_order_forwards_per_step``.
     """
     if method.optimizer != "zo":
         return sweep.first_order_forwards_per_step
+    from ...methods import registry
+
     section = {**sweep.deepspeed.get("subzero", {}), **method.subzero}
-    if section.get("method") == "hizoo":
-        return 3.0
-    return 2.0 * int(section.get("queries", 1))
+    spec = registry.method(section.get("method", "subzero"))
+    return float(spec.forwards_per_step(int(section.get("queries", 1))))
 
 
 def expand(sweep: Sweep) -> list[Cell]:
