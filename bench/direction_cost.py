@@ -30,7 +30,9 @@ from typing import Callable
 import torch
 
 from subzero_ds.kernels.cpu import compiled
-from subzero_ds.optimizer import Direction, GaussianDirection, SubspaceDirection
+from subzero_ds.methods.base import Direction
+from subzero_ds.methods.mezo import GaussianDirection
+from subzero_ds.methods.subzero import SubspaceDirection
 
 
 def opt_shapes(hidden: int = 2048, ffn: int = 8192, layers: int = 24, vocab: int = 50272,

@@ -1,4 +1,14 @@
-"""SubZeroEngine: zeroth-order training steps around a DeepSpeed (ZeRO-0/3) engine."""
+"""SubZeroEngine: zeroth-order training steps around a DeepSpeed (ZeRO-0/3) engine.
+
+One step (:meth:`SubZeroEngine.step`), in the order it runs:
+
+1. begin: the method's per-step work (S-MeZO's thresholds) and, in place, a backup of θ;
+2. probes: every probe's loss on this rank's micro-batch (``probes.py``: in place or fused);
+3. accumulate: average each probe's loss over the step's micro-batches (DeepSpeed's
+   ``gradient_accumulation_steps``);
+4. all-reduce: one all-reduce of those few scalars, so every rank has the same g;
+5. update: the method's update rule writes each rank's own shards (``writer.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,26 +16,26 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .checkpoint.compatibility import check_resumable
+from .checkpoint.export import save_hf_weights
+from .checkpoint.sharded import MANIFEST, latest_checkpoint, load_sharded, read_manifest, read_range, save_sharded
 from .config import SubZeroConfig
 from .distributed import log, mean_over_ranks
-from .checkpoint.sharded import MANIFEST, CheckpointError, latest_checkpoint, load_sharded, read_manifest, read_range
-from .checkpoint.sharded import save_sharded
-from .checkpoint.export import save_hf_weights
-from .fused import FusedPass, half_losses
 from .kernels import GENERATOR
-from .loss import model_loss
-from .methods import Estimator
+from .loss import LossFn, forward_loss, model_loss
+from .methods import ZOMethod
 from .methods.base import UpdateStep
-from .optimizer import ZOOptimizer
+from .phases import phase
+from .probes import FusedProbes, InPlaceProbes, Probes
+from .writer import ShardWriter
 from .zero.shards import ParamShard
 
 Batch = Mapping[str, Any]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,31 +75,31 @@ class SubZeroEngine:
     """Zeroth-order fine-tuning of a DeepSpeed-wrapped model. Build it with :func:`subzero_ds.initialize`.
 
     Each rank perturbs and updates only its own shard of every trainable parameter; the only
-    collective the optimizer adds is one all-reduce of (ℓ+, ℓ−) per step.
+    collective a step adds is one all-reduce of its probes' losses.
 
     Args:
         ds_engine: the DeepSpeed engine wrapping the model (no DeepSpeed optimizer).
         config: the validated ``"subzero"`` settings.
-        optimizer: the ZO optimizer over this rank's shards.
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: ``model(**batch).loss``
-            (language-model losses computed from the logits in chunks, see :mod:`subzero_ds.loss`).
+        method: the ZO method (direction, estimator, update rule) built for the model.
+        shards: this rank's shards of the trainable parameters.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's own loss, a
+            language-model loss scored inside the LM head (:mod:`subzero_ds.loss`).
+        accumulation_steps: micro-batches per step on each rank.
     """
 
-    def __init__(
-        self, ds_engine: Any, config: SubZeroConfig, optimizer: ZOOptimizer, loss_fn: LossFn | None = None,
-        accumulation_steps: int = 1,
-    ) -> None:
-        self.ds_engine = ds_engine
-        self.config = config
-        self.optimizer = optimizer
+    def __init__(self, ds_engine: Any, config: SubZeroConfig, method: ZOMethod, shards: list[ParamShard],
+                 loss_fn: LossFn | None = None, accumulation_steps: int = 1) -> None:
+        self.ds_engine, self.config, self.method, self.shards = ds_engine, config, method, shards
         self.loss_fn = loss_fn or model_loss
-        self.fused_pass = FusedPass(self.module, optimizer.shards, optimizer.direction, config.eps) if config.fused else None
+        self.writer = ShardWriter(shards, method, config.eps, config.update_rounding,
+                                  release_gathered=lambda: ds_engine.optimizer.empty_partition_cache())
+        self.probes: Probes = (FusedProbes(self.module, self.writer, method.estimator, config.eps, self.loss_fn)
+                               if config.fused else InPlaceProbes(self.module, self.writer, method.estimator, self.loss_fn))
         self.accumulation_steps = accumulation_steps
         self.learning_rate = config.lr  # a schedule (e.g. the HF Trainer's) may change it between steps
         self.global_step = 0
         self.consecutive_skips = 0
-        self._micro_batch = 0  # micro-batches of the current step done so far
-        self._loss_sums: list[float] = []  # per probe, summed over those micro-batches
+        self._micro_batches: list[list[float]] = []  # each probe's losses on the step's micro-batches so far
 
     @property
     def module(self) -> nn.Module:
@@ -102,19 +112,9 @@ class SubZeroEngine:
         return torch.device(self.ds_engine.device)
 
     @property
-    def shards(self) -> list[ParamShard]:
-        """This rank's shards of the trainable parameters."""
-        return self.optimizer.shards
-
-    @property
     def lr(self) -> float:
         """Learning rate of the next step: ``subzero.lr``, unless a schedule set :attr:`learning_rate`."""
         return self.learning_rate
-
-    @property
-    def estimator(self) -> Estimator:
-        """Which probes a step takes (the method's estimator)."""
-        return self.optimizer.method.estimator
 
     def step(self, batch: Batch) -> StepResult:
         """The method's probes on this rank's micro-batch ``batch``; after the step's last micro-batch
@@ -126,38 +126,70 @@ class SubZeroEngine:
         Returns:
             The :class:`StepResult`. A non-finite loss skips the update (weights unchanged).
         """
-        step = self.global_step
-        batch = to_device(batch, self.device)
-        if self._micro_batch == 0:
-            self.optimizer.direction.begin_step_(step, self.shards)  # collective (S-MeZO's thresholds)
-        losses = self._fused_losses(batch, step) if self.fused_pass else self._in_place_losses(batch, step)
-        self._loss_sums = [a + b for a, b in zip(self._loss_sums, losses)] if self._micro_batch else losses
-        self._micro_batch += 1
-        if self._micro_batch < self.accumulation_steps:
-            return self._result(step, losses, updated=False)
-        # Sync point: every rank needs the same g to apply the same update to its shard.
-        losses = mean_over_ranks(*(total / self.accumulation_steps for total in self._loss_sums))
-        self._micro_batch, self._loss_sums = 0, []
-        grads = self.estimator.projected_grads(losses, self.config.eps)
-        result = self._result(step, losses, skipped=not all(map(math.isfinite, losses)))
+        step, batch = self.global_step, to_device(batch, self.device)
+        if not self._micro_batches:
+            self.method.direction.begin_step_(step, self.shards)  # collective: S-MeZO's thresholds
+            self.probes.begin_step_()  # in place: back θ up
+        self._micro_batches.append(self.probes.losses(batch, step))
+        if len(self._micro_batches) < self.accumulation_steps:
+            self.probes.restore_()  # θ exactly as before until the update
+            return self._result(step, self._micro_batches[-1], updated=False)
+        losses = self._mean_over_micro_batches_and_ranks()  # sync point: every rank gets the same g
+        result = self._result(step, losses)
         if result.skipped:
-            self._skip_update(step, losses)
+            self._skip_update(step, losses)  # weights exactly as before
         else:
             self.consecutive_skips = 0
-            self.optimizer.update_(UpdateStep(step, self.lr, grads, losses, self.config.eps))
-        self._release_stale_copies()
+            self.writer.update_(UpdateStep(step, self.lr, list(result.projected_grads), losses, self.config.eps),
+                                self.probes.theta)
         self.global_step += 1
         return result
 
-    def _result(self, step: int, losses: list[float], updated: bool = True, skipped: bool = False) -> StepResult:
-        """A :class:`StepResult` from the losses of :meth:`Estimator.probes`, in that order."""
-        probes = self.estimator.probes()
+    def _mean_over_micro_batches_and_ranks(self) -> list[float]:
+        """Each probe's loss averaged over the step's micro-batches, then over ranks (one all-reduce)."""
+        means = [sum(column) / len(column) for column in zip(*self._micro_batches)]
+        self._micro_batches = []
+        with phase("all-reduce"):
+            return mean_over_ranks(*means)
+
+    def _result(self, step: int, losses: list[float], updated: bool = True) -> StepResult:
+        """A :class:`StepResult` from the losses of the estimator's probes, in their order."""
+        estimator = self.method.estimator
+        probes = estimator.probes()
         positive = [loss for probe, loss in zip(probes, losses) if probe.sign > 0]
         negative = [loss for probe, loss in zip(probes, losses) if probe.sign < 0]
         clean = next((loss for probe, loss in zip(probes, losses) if probe.sign == 0), None)
-        grads = tuple(self.estimator.projected_grads(losses, self.config.eps))
+        grads = tuple(estimator.projected_grads(losses, self.config.eps))
+        skipped = updated and not all(map(math.isfinite, losses))
         return StepResult(step, sum(positive) / len(positive), sum(negative) / len(negative), sum(grads) / len(grads),
                           self.lr, skipped, updated, grads, clean)
+
+    def _skip_update(self, step: int, losses: list[float]) -> None:
+        """Leave the weights exactly as before this step; stop after too many such steps in a row."""
+        self.probes.restore_()
+        self.consecutive_skips += 1
+        limit = self.config.max_consecutive_skips
+        queries = self.method.estimator.queries
+        shown = ", ".join(f"{'ℓ0' if p.sign == 0 else ('ℓ+' if p.sign > 0 else 'ℓ−')}{p.query if queries > 1 else ''}"
+                          f"={loss}" for p, loss in zip(self.method.estimator.probes(), losses))
+        log(f"step {step}: non-finite loss ({shown}); update skipped, weights unchanged "
+            f"({self.consecutive_skips} in a row, limit {limit})")
+        if self.consecutive_skips >= limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss, so the run "
+                f"stops (`subzero.max_consecutive_skips` = {limit}). The weights are those before the first of "
+                "them. Lower `subzero.lr` or `subzero.eps`, check the data for empty or corrupt examples, or use "
+                "fp32/bf16 instead of fp16."
+            )
+
+    def evaluate(self, batch: Batch) -> float:
+        """Forward-only loss on this rank's ``batch``, averaged over data-parallel ranks."""
+        (loss,) = mean_over_ranks(forward_loss(self.loss_fn, self.module, to_device(batch, self.device)))
+        return loss
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write full Hugging Face weights to ``path`` (gathered; rank 0 writes). Call on every rank."""
+        save_hf_weights(self.module, path)
 
     def save_checkpoint(self, root: str | os.PathLike, extra: Mapping[str, Any] | None = None,
                         keep_last: int | None = None) -> Path:
@@ -171,14 +203,14 @@ class SubZeroEngine:
         Returns:
             The checkpoint directory.
         """
-        if self._micro_batch:
-            raise RuntimeError(f"save_checkpoint after {self._micro_batch} of the step's {self.accumulation_steps} "
-                               "micro-batches: save between steps (after the step's last micro-batch).")
-        state = {"seed": self.config.seed, "settings": self.config.flat(),
-                 "generator": GENERATOR, "consecutive_skips": self.consecutive_skips,
-                 "method": self.optimizer.scalars()}
+        if self._micro_batches:
+            raise RuntimeError(f"save_checkpoint after {len(self._micro_batches)} of the step's "
+                               f"{self.accumulation_steps} micro-batches: save between steps (after the step's last "
+                               "micro-batch).")
+        state = {"seed": self.config.seed, "settings": self.config.flat(), "generator": GENERATOR,
+                 "consecutive_skips": self.consecutive_skips, "method": self.writer.scalars()}
         return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last,
-                            self.optimizer.state())
+                            self.writer.state())
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Continue from the checkpoint at ``path`` (a ``checkpoint-<step>`` directory, or a directory of
@@ -194,25 +226,9 @@ class SubZeroEngine:
         if not (path / MANIFEST).is_file() and latest_checkpoint(path) is not None:
             path = latest_checkpoint(path)
         manifest = read_manifest(path)
-        saved = manifest.state["settings"]
-        ours = self.config.direction_settings()
-        changed = [k for k in ours if saved.get(k) != ours[k]]
-        if changed:
-            raise CheckpointError(
-                f"the checkpoint {path} was written with " + ", ".join(f"subzero.{k}={saved.get(k)!r}" for k in changed)
-                + " but this run has " + ", ".join(f"{ours.get(k)!r}" for k in changed) + ": those settings define "
-                "every direction, so the resumed run would not continue the same trajectory. Use the same values."
-            )
-        if manifest.state.get("generator") != GENERATOR:
-            raise CheckpointError(
-                f"the checkpoint {path} was written with the direction generator "
-                f"{manifest.state.get('generator', 'of subzero_ds before 0.2 (per-block torch.Generator)')!r}, "
-                f"but this version draws directions with {GENERATOR!r}: the resumed run would follow other "
-                "directions. Resume with the subzero_ds version that wrote it, or export it "
-                "(`subzero-export`) and start a new run from the exported weights."
-            )
-        load_sharded(path, self.shards, self.optimizer.state())
-        self.optimizer.load_scalars_(manifest.state.get("method", {}))
+        check_resumable(path, manifest, self.config.direction_settings())
+        load_sharded(path, self.shards, self.writer.state())
+        self.writer.load_scalars_(manifest.state.get("method", {}))
         with torch.no_grad():  # DeepSpeed never re-reads the shard of a parameter it keeps gathered
             for shard in self.shards:
                 gathered = shard.gathered()
@@ -222,91 +238,6 @@ class SubZeroEngine:
         self.consecutive_skips = int(manifest.state.get("consecutive_skips", 0))
         log(f"resumed from {path} at step {manifest.step} (written by {manifest.world_size} ranks)")
         return manifest.extra
-
-    def _in_place_losses(self, batch: Batch, step: int) -> list[float]:
-        """Every probe's loss, with the shards perturbed in place (θ from the backup each time).
-
-        The backup is taken at the step's first micro-batch (θ does not change before the update);
-        after a micro-batch that is not the step's last, θ is restored, so the weights are never left
-        perturbed between calls.
-        """
-        if self._micro_batch == 0:
-            self.optimizer.save_()
-        losses, perturbed = [], False
-        for probe in self.estimator.probes():
-            if probe.sign:
-                self._perturb(step, probe.sign, probe.query)
-                perturbed = True
-            elif perturbed:
-                self.optimizer.restore_()
-                self._release_stale_copies()
-            losses.append(self._loss(batch))
-        if self._micro_batch + 1 < self.accumulation_steps:
-            self.optimizer.restore_()
-            self._release_stale_copies()
-        return losses
-
-    def _fused_losses(self, batch: Batch, step: int) -> list[float]:
-        """Every probe's loss: each query's ℓ+, ℓ− from one forward over [batch; batch]; the shards are not touched."""
-        self.module.eval()  # dropout off: both halves must see the same function
-        losses = []
-        with torch.no_grad():
-            for probe in self.estimator.probes():
-                if probe.sign == 0:
-                    losses.append(self._loss(batch))
-                elif probe.sign > 0:
-                    if self.loss_fn is model_loss and self.fused_pass.serves_language_model_loss(batch):
-                        losses.extend(self.fused_pass.language_model_losses(batch, step, probe.query))
-                    else:
-                        with self.fused_pass.active(step, query=probe.query):
-                            losses.extend(half_losses(self.loss_fn, self.module, batch))
-        return losses
-
-    def _skip_update(self, step: int, losses: list[float]) -> None:
-        """Leave the weights exactly as before this step; stop after too many such steps in a row."""
-        if self.optimizer.in_place:
-            self.optimizer.restore_()
-        self.consecutive_skips += 1
-        limit = self.config.max_consecutive_skips
-        shown = ", ".join(f"{'ℓ0' if p.sign == 0 else ('ℓ+' if p.sign > 0 else 'ℓ−')}{p.query if self.estimator.queries > 1 else ''}"
-                          f"={loss}" for p, loss in zip(self.estimator.probes(), losses))
-        log(f"step {step}: non-finite loss ({shown}); update skipped, weights unchanged "
-            f"({self.consecutive_skips} in a row, limit {limit})")
-        if self.consecutive_skips >= limit:
-            raise NonFiniteLossError(
-                f"{self.consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss, so the run "
-                f"stops (`subzero.max_consecutive_skips` = {limit}). The weights are those before the first of "
-                "them. Lower `subzero.lr` or `subzero.eps`, check the data for empty or corrupt examples, or use "
-                "fp32/bf16 instead of fp16."
-            )
-
-    def evaluate(self, batch: Batch) -> float:
-        """Forward-only loss on this rank's ``batch``, averaged over data-parallel ranks."""
-        (loss,) = mean_over_ranks(self._loss(to_device(batch, self.device)))
-        return loss
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write full Hugging Face weights to ``path`` (gathered; rank 0 writes). Call on every rank."""
-        save_hf_weights(self.module, path)
-
-    def _perturb(self, step: int, sign: float, query: int = 0) -> None:
-        self.optimizer.perturb_(step, sign, query)
-        self._release_stale_copies()
-
-    def _loss(self, batch: Batch) -> float:
-        self.module.eval()  # dropout off: both passes must see the same function
-        with torch.no_grad():
-            loss = self.loss_fn(self.module, batch)
-        return float(loss.detach().float())
-
-    def _release_stale_copies(self) -> None:
-        """Drop gathered copies of edited ZeRO-3 parameters so the next forward sees the edit.
-
-        The optimizer writes the gathered copies of persistent parameters itself; any other
-        gathered copy of a trainable parameter would be stale after a write and is released.
-        """
-        if self.optimizer.has_stale_gathered_copies():
-            self.ds_engine.optimizer.empty_partition_cache()
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -322,4 +253,3 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive ZO steps had a non-finite loss (``subzero.max_consecutive_skips``)."""
-

@@ -45,9 +45,9 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .distributed import log
-from .loss import CHUNKED_LOSS_TYPES, IGNORE_INDEX, language_model_loss, loss_type, no_cache, scores_language_model
-from .loss import summed_cross_entropy, token_targets
-from .optimizer import Direction, LowRank
+from .loss import CHUNKED_LOSS_TYPES, logits_loss, loss_type, no_cache, replaced_forward, scored_in_head
+from .loss import scores_language_model, scoring_head
+from .methods.base import Direction, LowRank
 from .zero.shards import ParamShard
 
 
@@ -107,9 +107,9 @@ class FusedPass:
         self._split_get_prompt = getattr(getattr(config, "peft_type", None), "value", None) == "PROMPT_TUNING"
         self.model = model
         # The LM head, if its logits can be computed a chunk of rows at a time (language_model_losses).
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = scoring_head(model)
         materialized = any(s.module is head and not s.side_path for s in self.served)
-        self._head = head if type(head) is nn.Linear and not materialized else None
+        self._head = head if not materialized else None
         fallback = Counter(type(s.module).__name__ for s in self.served if not s.side_path)
         side = sum(len(s.params) for s in self.served if s.side_path)
         log(f"fused ± pass: {side} parameter uses served by a side path"
@@ -124,25 +124,23 @@ class FusedPass:
         return False
 
     @contextlib.contextmanager
-    def active(self, step: int, head_forward: Callable | None = None, query: int = 0) -> Iterator[None]:
+    def active(self, step: int, query: int = 0, skip: nn.Module | None = None) -> Iterator[None]:
         """Within this block, forwards over a doubled batch compute θ + εD_step on the first half
-        and θ − εD_step on the second. ``head_forward`` replaces the LM head's forward (it applies
-        the head's side path itself)."""
+        and θ − εD_step on the second. ``skip``: a module whose side path the caller applies itself
+        (the LM head, when the loss is scored inside it)."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.model.register_forward_pre_hook(self._record_rows, with_kwargs=True))
             stack.callback(setattr, self, "_rows", None)
-            if head_forward is not None:
-                stack.enter_context(_replaced_forward(self._head, head_forward))
             for served in self.served:
-                if head_forward is not None and served.module is self._head:
+                if served.module is skip:
                     continue
                 if served.side_path:
                     hook = self._side_path_hook(served, step, query)
                     stack.enter_context(served.module.register_forward_hook(hook))
                 else:
-                    stack.enter_context(_replaced_forward(served.module, self._split_forward(served, step, query)))
+                    stack.enter_context(replaced_forward(served.module, self._split_forward(served, step, query)))
             if self._split_get_prompt:
-                stack.enter_context(_replaced_forward(self.model, self._split_get_prompt_fn(), "get_prompt"))
+                stack.enter_context(replaced_forward(self.model, self._split_get_prompt_fn(), "get_prompt"))
             yield
 
     def _record_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -166,42 +164,24 @@ class FusedPass:
         time, inside its forward (where ZeRO-3 has gathered its weight once): the logits of the
         doubled batch (824 MB for OPT-125M at 16 × 128 in fp32) never exist whole.
         """
-        labels = batch["labels"]
-        inputs = {k: _doubled(v) for k, v in batch.items() if k != "labels"}
         head, served = self._head, next((s for s in self.served if s.module is self._head), None)
         side_path = self._side_path_hook(served, step, query) if served is not None else None
-        sums: list[torch.Tensor] = [torch.zeros(()), torch.zeros(())]  # replaced by the device's sums
-        scored: list[torch.Tensor] = []
 
-        def logits(rows: torch.Tensor, sign: float) -> torch.Tensor:
+        def logits(rows: torch.Tensor, half: int) -> torch.Tensor:
             out = nn.Linear.forward(head, rows)  # ZeRO-3's hooks around the head's call gathered the weight
             if side_path is not None:
-                outer, self._sign_of_half = self._sign_of_half, sign
+                outer, self._sign_of_half = self._sign_of_half, 1.0 if half == 0 else -1.0
                 try:
                     side_path(head, (rows,), out)
                 finally:
                     self._sign_of_half = outer
             return out
 
-        def head_forward(hidden: torch.Tensor) -> torch.Tensor:
-            targets = token_targets(self.model, labels, hidden.shape[1]).reshape(-1).to(hidden.device)
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            half_rows = _batch_rows((flat,), {}, head) // 2
-            for half, sign in ((0, 1.0), (1, -1.0)):
-                part = flat.narrow(0, half * half_rows, half_rows)
-                sums[half] = summed_cross_entropy(lambda a, b: logits(part.narrow(0, a, b - a), sign), targets,
-                                                  head.out_features)
-            scored.append((targets != IGNORE_INDEX).sum())
-            return hidden.new_zeros(*hidden.shape[:-1], 0)  # the model returns these as its logits
-
-        with self.active(step, head_forward, query):
+        inputs = {k: _doubled(v) for k, v in batch.items() if k != "labels"}
+        with self.active(step, query=query, skip=head), scored_in_head(self.model, head, batch["labels"], halves=2,
+                                                                       logits_of=logits) as scores:
             self.model(**inputs, **no_cache(self.model))
-        if len(scored) != 1:
-            raise FusedPassError(
-                f"the LM head ran {len(scored)} times in one forward; the fused ± pass scores its logits once. "
-                'Set "fused": false in the "subzero" section for this model.'
-            )
-        loss_pos, loss_neg = (torch.stack(sums) / scored[0]).tolist()
+        loss_pos, loss_neg = torch.stack(scores.losses()).tolist()
         return loss_pos, loss_neg
 
     def _split_get_prompt_fn(self) -> Callable:
@@ -352,6 +332,10 @@ class _HalfModel:
 
     forward = __call__
 
+    def get_output_embeddings(self) -> None:
+        """None: the loss function must score the logits this stand-in returns, not inside the real LM head."""
+        return None
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
@@ -365,7 +349,7 @@ def _model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) ->
             f"this model's loss type is {kind!r}. Pass `loss_fn(model, batch)` computing the loss from "
             'the logits to subzero_ds.initialize, or set "fused": false in the "subzero" section.'
         )
-    return language_model_loss(model, logits, labels)
+    return logits_loss(model, logits, labels)
 
 
 def _project(inputs: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
@@ -456,12 +440,3 @@ def _concat(outputs: list[Any], module: nn.Module) -> Any:
         f"{type(module).__name__} returned {type(first).__name__}; the fused ± pass can only join tensor outputs "
         'of a layer run on two halves. Set "fused": false in the "subzero" section for this model.'
     )
-
-
-@contextlib.contextmanager
-def _replaced_forward(module: nn.Module, forward: Callable, name: str = "forward") -> Iterator[None]:
-    setattr(module, name, forward)  # an instance attribute shadows the class's method; hooks still run around it
-    try:
-        yield
-    finally:
-        delattr(module, name)

@@ -1,15 +1,25 @@
-"""The language-model loss of a forward, computed in row chunks.
+"""The language-model loss of a forward, scored a chunk of rows at a time: the package's one LM loss.
 
-Hugging Face's causal/masked-LM loss upcasts the whole logits tensor to fp32 and log-softmaxes it:
-two more logits-sized tensors (for OPT-125M at 16 × 128 tokens, 2 × 412 MB) at the peak of a ZO
-step, which otherwise needs little beyond inference. The same mean token cross-entropy, summed
-over chunks of rows, holds only one chunk's fp32 copy at a time.
+Hugging Face's causal/masked-LM loss takes the whole logits (batch × tokens × vocabulary), upcasts
+them to fp32 and log-softmaxes them: for a 131,072-token vocabulary and 8 × 256 tokens that is
+1 GiB of logits and 2 GiB more, at the peak of a ZO step that otherwise needs little beyond
+inference. :func:`language_model_loss` computes the same mean token cross-entropy inside the LM
+head's forward instead: the head's weight is gathered once (ZeRO-3's hooks run around the head's
+call as usual) and each chunk of rows is projected, upcast and scored, so at most
+``CHUNK_ELEMENTS`` logits exist at a time. The model's forward returns empty logits.
+
+A loss function whose value is this loss (for batches :func:`scores_language_model` accepts) says
+so with the attribute ``computes_language_model_loss = True``: the fused ± pass then scores both
+halves of its doubled batch inside the head the same way (``fused.py``). The engine's default,
+:func:`model_loss`, and the CLI's LM training both do.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +28,62 @@ from torch.nn import functional as F
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 22  # fp32 upcast + log-softmax of one chunk: 2 × 16 MiB
 CHUNKED_LOSS_TYPES = ("ForCausalLM", "ForMaskedLM")
+# Config fields of models that transform the logits after the LM head (Gemma-2's softcapping, Cohere's
+# and Granite's scales): their loss cannot be scored inside the head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class LossScoringError(RuntimeError):
+    """A model whose LM head does not run once per forward, so its loss cannot be scored inside it."""
+
+
+def language_model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The mean token cross-entropy of ``model`` (a causal or masked LM) on ``batch["labels"]``, in fp32,
+    without the whole logits ever existing (scored inside the LM head where the model allows).
+
+    Labels of -100 are not scored; causal LMs predict token t+1 at position t (see :func:`token_targets`).
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    head = scoring_head(model)
+    if head is None:
+        return logits_loss(model, model(**inputs, **no_cache(model)).logits, labels)
+    with scored_in_head(model, head, labels) as scores:
+        model(**inputs, **no_cache(model))
+    return scores.losses()[0]
+
+
+language_model_loss.computes_language_model_loss = True  # type: ignore[attr-defined]
+
+
+def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The engine's default loss: :func:`language_model_loss` for a causal/masked LM batch with labels,
+    else ``model(**batch).loss``."""
+    if scores_language_model(model, batch):
+        return language_model_loss(model, batch)
+    output = model(**batch, **no_cache(model))
+    if getattr(output, "loss", None) is None:
+        raise ValueError(
+            "the model returned no loss for this batch: include `labels` in the batch, or pass "
+            "`loss_fn(model, batch) -> Tensor` to subzero_ds.initialize."
+        )
+    return output.loss
+
+
+model_loss.computes_language_model_loss = True  # type: ignore[attr-defined]
+
+
+def computes_language_model_loss(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` declares that its value is :func:`language_model_loss` (for the batches
+    :func:`scores_language_model` accepts), so that faster ways to the same value may replace it."""
+    return bool(getattr(loss_fn, "computes_language_model_loss", False))
+
+
+def scores_language_model(model: nn.Module, batch: Any) -> bool:
+    """Whether ``batch`` has labels for a causal- or masked-LM loss of ``model``."""
+    return isinstance(batch, Mapping) and batch.get("labels") is not None and loss_type(model) in CHUNKED_LOSS_TYPES
 
 
 def loss_type(model: nn.Module) -> str | None:
@@ -26,10 +92,75 @@ def loss_type(model: nn.Module) -> str | None:
     return getattr(base, "loss_type", None)
 
 
-def language_model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss ``model``'s forward computes from ``labels``, without materialising fp32 logits."""
+def scoring_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head whose forward can score the loss, or None: a plain ``nn.Linear`` output embedding of a
+    model that does not transform its logits afterwards."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    transformed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+    return head if type(head) is nn.Linear and not transformed else None
+
+
+@dataclass
+class HeadScores:
+    """What :func:`scored_in_head` measured: per half of the batch, the summed token cross-entropy."""
+
+    sums: list[torch.Tensor] = field(default_factory=list)
+    scored: torch.Tensor | None = None  # tokens scored per half
+    calls: int = 0
+
+    def losses(self) -> list[torch.Tensor]:
+        """The mean loss of each half (fp32 scalars on the head's device)."""
+        if self.calls != 1:
+            raise LossScoringError(
+                f"the LM head ran {self.calls} times in one forward; its loss is scored inside the head, which "
+                "needs exactly one call. Pass a `loss_fn` that computes the loss from the logits (and, with the "
+                'fused ± pass, set "fused": false in the "subzero" section).')
+        return [total / self.scored for total in self.sums]
+
+
+@contextlib.contextmanager
+def scored_in_head(model: nn.Module, head: nn.Linear, labels: torch.Tensor, halves: int = 1,
+                   logits_of: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Iterator[HeadScores]:
+    """Within the block, ``head``'s forward scores its rows against ``labels`` and returns empty logits.
+
+    Args:
+        model: the model whose forward calls ``head`` once.
+        head: its LM head (:func:`scoring_head`).
+        labels: the labels of one half (rows × tokens).
+        halves: how many copies of the batch the forward runs on, stacked in dim 0 (the fused pass: 2).
+        logits_of: ``logits_of(rows, half) -> logits`` in place of the head's own projection (the fused
+            pass adds its side path there).
+    """
+    scores = HeadScores()
+
+    def head_forward(hidden: torch.Tensor) -> torch.Tensor:
+        targets = token_targets(model, labels, hidden.shape[1]).reshape(-1).to(hidden.device)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        rows = flat.shape[0] // halves
+        for half in range(halves):
+            part = flat.narrow(0, half * rows, rows)
+
+            def chunk(start: int, stop: int, part: torch.Tensor = part, half: int = half) -> torch.Tensor:
+                block = part.narrow(0, start, stop - start)
+                # ZeRO-3's hooks around the head's call gathered its weight
+                return nn.Linear.forward(head, block) if logits_of is None else logits_of(block, half)
+
+            scores.sums.append(summed_cross_entropy(chunk, targets, head.out_features))
+        scores.scored = (targets != IGNORE_INDEX).sum()
+        scores.calls += 1
+        return hidden.new_zeros(*hidden.shape[:-1], 0)  # the model returns these as its logits
+
+    with replaced_forward(head, head_forward):
+        yield scores
+
+
+def logits_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss ``model``'s forward computes from ``labels``, from given logits, a chunk of rows at a time."""
     targets = token_targets(model, labels, logits.shape[1]).reshape(-1).to(logits.device)
-    return chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
+    flat = logits.reshape(-1, logits.shape[-1])
+    total = summed_cross_entropy(lambda start, stop: flat.narrow(0, start, stop - start), targets, flat.shape[-1])
+    return total / (targets != IGNORE_INDEX).sum()
 
 
 def token_targets(model: nn.Module, labels: torch.Tensor, length: int) -> torch.Tensor:
@@ -47,12 +178,6 @@ def token_targets(model: nn.Module, labels: torch.Tensor, length: int) -> torch.
     return labels
 
 
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean fp32 cross-entropy of ``logits`` (rows × vocab) over ``targets`` ≠ -100, a chunk of rows at a time."""
-    total = summed_cross_entropy(lambda start, stop: logits.narrow(0, start, stop - start), targets, logits.shape[-1])
-    return total / (targets != IGNORE_INDEX).sum()
-
-
 def summed_cross_entropy(logits_of: Callable[[int, int], torch.Tensor], targets: torch.Tensor, vocab: int) -> torch.Tensor:
     """Summed fp32 cross-entropy over ``targets`` ≠ -100, asking ``logits_of(start, stop)`` for the
     logits of one chunk of rows at a time (at most ``CHUNK_ELEMENTS`` logits)."""
@@ -66,25 +191,25 @@ def summed_cross_entropy(logits_of: Callable[[int, int], torch.Tensor], targets:
     return total
 
 
-def scores_language_model(model: nn.Module, batch: Any) -> bool:
-    """Whether ``batch`` has labels for a causal- or masked-LM loss of ``model``: the losses computed here."""
-    return isinstance(batch, Mapping) and batch.get("labels") is not None and loss_type(model) in CHUNKED_LOSS_TYPES
-
-
 def no_cache(model: nn.Module) -> dict[str, bool]:
     """``use_cache=False`` for models that take it: a loss forward needs no KV cache."""
     return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
-def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``model(**batch).loss``, with the language-model loss computed in chunks (no KV cache)."""
-    if scores_language_model(model, batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return language_model_loss(model, model(**inputs, **no_cache(model)).logits, batch["labels"])
-    output = model(**batch, **no_cache(model))
-    if getattr(output, "loss", None) is None:
-        raise ValueError(
-            "the model returned no loss for this batch: include `labels` in the batch, or pass "
-            "`loss_fn(model, batch) -> Tensor` to subzero_ds.initialize."
-        )
-    return output.loss
+def forward_loss(loss_fn: LossFn, model: nn.Module, batch: Any) -> float:
+    """``loss_fn(model, batch)`` as a ZO probe computes it: dropout off, no autograd; a Python float."""
+    model.eval()  # dropout off: every probe must see the same function
+    with torch.no_grad():
+        loss = loss_fn(model, batch)
+    return float(loss.detach().float())
+
+
+@contextlib.contextmanager
+def replaced_forward(module: nn.Module, forward: Callable, name: str = "forward") -> Iterator[None]:
+    """Within the block, ``module.<name>`` is ``forward`` (an instance attribute shadows the class's
+    method; the module's hooks, ZeRO-3's gathers among them, still run around its call)."""
+    setattr(module, name, forward)
+    try:
+        yield
+    finally:
+        delattr(module, name)

@@ -408,7 +408,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress = tqdm(total=args.max_steps, initial=first_step - 1, desc=f"{kind} steps", disable=rank != 0,
                     dynamic_ncols=True)
     # Forward passes per micro-batch and step: the method's probes (a first-order step: 1 forward + its backward).
-    forwards = 1 if first_order else len(engine.estimator.probes())
+    forwards = 1 if first_order else len(engine.method.estimator.probes())
     started = time.perf_counter()
     # Training seconds before this run, so a resumed run reports its whole cost; a checkpoint from before
     # the field existed has None, and the total is then estimated from this run's rate (and says so).

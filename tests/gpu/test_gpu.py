@@ -53,7 +53,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 def test_directions_have_the_same_bits_on_the_host_and_the_gpu():
     from subzero_ds import kernels
-    from subzero_ds.optimizer import SubspaceDirection
+    from subzero_ds.methods.subzero import SubspaceDirection
 
     key = (0x1234, 0x5678)
     assert torch.equal(kernels.gaussian(1 << 22, key, 12345, "cuda").cpu(), kernels.gaussian(1 << 22, key, 12345))
@@ -77,7 +77,7 @@ def test_a_step_keeps_everything_on_the_gpu(fused, bf16):
 
     engine, _, _ = run(make_config(fused=fused, bf16=bf16), steps=1)
     assert all(s.device.type == "cuda" for s in engine.shards)
-    assert all(b is None or b.device.type == "cuda" for b in engine.optimizer._backups)
+    assert engine.probes.theta is None or all(b.device.type == "cuda" for b in engine.probes.theta.local)
     batch = {k: v.cuda() for k, v in pattern_batch(4, seed=9).items()}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step(batch)

@@ -23,7 +23,7 @@ def make_engine(tuning: Tuning, lr: float, eps: float):
 def test_lora_trains_only_the_adapter_and_reshapes_its_factors():
     engine = make_engine(Tuning.LORA, lr=1e-2, eps=1e-2)
     assert {s.name.split(".")[-3] for s in engine.shards} == {"lora_A", "lora_B"}
-    assert engine.optimizer.direction.reshape  # "auto": frozen base -> near-square reshape of the factors
+    assert engine.method.direction.reshape  # "auto": frozen base -> near-square reshape of the factors
     before = dict(iter_full_state(engine.module))
     for _ in range(5):
         engine.step(pattern_batch(8))

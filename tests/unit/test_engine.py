@@ -130,7 +130,7 @@ def test_only_trainable_parameters_change():
     after = full_state(engine)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("layers.1." in k for k in changed)
-    assert engine.optimizer.direction.reshape  # frozen parameters: "auto" reshape is on (PEFT-like)
+    assert engine.method.direction.reshape  # frozen parameters: "auto" reshape is on (PEFT-like)
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])

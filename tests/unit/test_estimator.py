@@ -27,7 +27,9 @@ from torch.func import functional_call
 
 from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_model
-from subzero_ds.optimizer import Direction, GaussianDirection, SubspaceDirection
+from subzero_ds.methods.base import Direction
+from subzero_ds.methods.mezo import GaussianDirection
+from subzero_ds.methods.subzero import SubspaceDirection
 
 EPS = 1e-3
 RANK = 4
@@ -222,7 +224,7 @@ def engine_runs() -> dict[tuple[str, str], EngineRun]:
             zo, exact = [], []
             for _ in range(ENGINE_STEPS):
                 result = engine.step(problem.batch)
-                d = problem.direction(engine.optimizer.direction, result.step)
+                d = problem.direction(engine.method.direction, result.step)
                 zo.append(result.projected_grad)
                 exact.append((grad @ d.double()).item())
             out[arch, method] = EngineRun(torch.tensor(zo, dtype=torch.float64), torch.tensor(exact, dtype=torch.float64))

@@ -10,6 +10,7 @@ from transformers import OPTForCausalLM
 import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
 from helpers.configs import zo_section
+from subzero_ds.probes import FusedProbes, InPlaceProbes
 from helpers.tiny import pattern_batch, tiny_config, tiny_model
 from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds import fused as fused_module
@@ -142,7 +143,7 @@ def bf16_in_place():
     """The in-place bf16 run and, per step, the bound on |Δ(ℓ+ − ℓ−)| between the two modes."""
     engine, results = bf16_run(False)
     # Δ(ℓ+ − ℓ−) between the modes holds four passes' rounding errors (ℓ+, ℓ− of each): std 2σ; allow 6 std.
-    bounds = [6 * 2 * bf16_pass_noise(engine.optimizer.direction, r.step) for r in results]
+    bounds = [6 * 2 * bf16_pass_noise(engine.method.direction, r.step) for r in results]
     return results, bounds
 
 
@@ -218,8 +219,9 @@ def test_a_layer_input_without_the_doubled_batch_is_refused():
 
 def test_fused_mode_keeps_no_backup_of_the_shards():
     engine = subzero_ds.initialize(model=tiny_model("opt"), config=make_config(True))
-    assert not engine.optimizer.in_place
-    assert all(backup is None for backup in engine.optimizer._backups)
+    assert isinstance(engine.probes, FusedProbes) and engine.probes.theta is None
+    in_place = subzero_ds.initialize(model=tiny_model("opt"), config=make_config(False))
+    assert isinstance(in_place.probes, InPlaceProbes) and len(in_place.probes.theta.local) == len(in_place.shards)
 
 
 def test_the_lm_head_is_computed_and_scored_a_chunk_of_rows_at_a_time(monkeypatch):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from subzero_ds.optimizer import GaussianDirection, SubspaceDirection
+from subzero_ds.methods.mezo import GaussianDirection
+from subzero_ds.methods.subzero import SubspaceDirection
 from subzero_ds.methods.subzero import near_square_shape
 
 

@@ -30,7 +30,7 @@ from subzero_ds.methods import registry
 from subzero_ds.methods.base import UpdateStep
 from subzero_ds.methods.mezo import GaussianDirection
 from subzero_ds.methods.subzero import SubspaceDirection
-from subzero_ds.optimizer import ZOOptimizer
+from subzero_ds.writer import Backup, ShardWriter
 from subzero_ds.zero.shards import ParamShard
 
 CUDA = torch.device("cuda")
@@ -115,32 +115,32 @@ def method_of(name: str) -> methods.ZOMethod:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_optimizer_writes_and_method_state_stay_on_the_shards_device(fake_cuda, method, dtype):
+def test_writes_backups_and_method_state_stay_on_the_shards_device(fake_cuda, method, dtype):
     model = on_fake_cuda(Tiny(), dtype)
     shards = shards_of(model)
     assert all(s.device.type == "cuda" for s in shards)
-    optimizer = ZOOptimizer(shards, method_of(method), eps=1e-3)
-    assert all(b.device.type == "cuda" for b in optimizer._backups)  # the backup lives beside the shard
+    writer = ShardWriter(shards, method_of(method), eps=1e-3)
+    theta = Backup(shards)
+    assert all(b.device.type == "cuda" for b in theta.local)  # the backup lives beside the shard
     if method == "sparse_mezo":  # its thresholds come from a bisection that reads counts back: given here
-        optimizer.load_scalars_({"direction": {"thresholds": {shard.name: 0.5 for shard in shards}}})
-    queries = optimizer.method.estimator.queries
+        writer.load_scalars_({"direction": {"thresholds": {shard.name: 0.5 for shard in shards}}})
+    queries = writer.method.estimator.queries
     for step in (0, 1):  # step 1 refreshes the subspace of "subspace_interval": 1 (Adam state projected)
-        optimizer.save_()
+        theta.save_()
         for query in range(queries):
-            optimizer.perturb_(step, +1.0, query)
-            optimizer.perturb_(step, -1.0, query)
-        optimizer.restore_()
+            writer.perturb_(step, +1.0, query, theta)
+            writer.perturb_(step, -1.0, query, theta)
+        writer.restore_(theta)
         grads = [0.5 - query for query in range(queries)]
-        losses = [1.0] * len(optimizer.method.estimator.probes())
-        optimizer.update_(UpdateStep(step, lr=1e-3, grads=grads, losses=losses, eps=1e-3))
-    assert all(state.tensor.device.type == "cuda" for state in optimizer.state())
+        losses = [1.0] * len(writer.method.estimator.probes())
+        writer.update_(UpdateStep(step, lr=1e-3, grads=grads, losses=losses, eps=1e-3), theta)
+    assert all(state.tensor.device.type == "cuda" for state in writer.state())
 
 
 def test_stochastic_rounding_update_stays_on_the_device(fake_cuda):
     model = on_fake_cuda(Tiny(), torch.bfloat16)
-    optimizer = ZOOptimizer(shards_of(model), method_of("subzero"), eps=1e-3, in_place=False,
-                            update_rounding=UpdateRounding.STOCHASTIC)
-    optimizer.update_(UpdateStep(3, lr=1e-6, grads=[-2.0], losses=[1.0, 1.0], eps=1e-3))
+    writer = ShardWriter(shards_of(model), method_of("subzero"), eps=1e-3, update_rounding=UpdateRounding.STOCHASTIC)
+    writer.update_(UpdateStep(3, lr=1e-6, grads=[-2.0], losses=[1.0, 1.0], eps=1e-3), None)
 
 
 @pytest.mark.parametrize("method", ["subzero", "mezo"])

@@ -44,7 +44,7 @@ def test_updates_match_a_dense_reference(fused, persistence):
     for step in range(4):
         g = engine.step(pattern_batch(4, seed=step)).projected_grad
         for name, value in theta.items():
-            d = engine.optimizer.direction.full(name, tuple(value.shape), step).double()
+            d = engine.method.direction.full(name, tuple(value.shape), step).double()
             if value.ndim == 2:
                 theta[name] = value - LR * (g * d + DECAY * value)
             else:

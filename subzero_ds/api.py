@@ -1,4 +1,8 @@
-"""``subzero_ds.initialize``: the DeepSpeed-style entry point that builds a SubZeroEngine."""
+"""``subzero_ds.initialize``: the DeepSpeed-style entry point that builds a SubZeroEngine.
+
+parse the config → start the process group → the ranks agree → ``deepspeed.initialize`` → build the
+method over this rank's shards.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,15 @@ import deepspeed
 import torch
 from torch import nn
 
-from .config import ConfigError, UpdateRounding, environment, load_ds_config, parse
+from . import methods
+from .config import ConfigError, DeepSpeedSettings, SubZeroConfig, UpdateRounding, environment, load_ds_config, parse
 from .config.errors import raise_problems
 from .distributed import disagreements, get_world_size_and_rank, init_distributed, log
-from .engine import LossFn, SubZeroEngine
-from . import methods
-from .optimizer import ZOOptimizer
+from .engine import SubZeroEngine
+from .loss import LossFn
 from .seeds import stable_seed
 from .zero.nvme import partition_for_nvme
-from .zero.shards import collect_shards
+from .zero.shards import ParamShard, collect_shards
 
 
 def initialize(
@@ -35,7 +39,8 @@ def initialize(
         config: a DeepSpeed JSON config (path or dict) with a ``"subzero"`` section.
         args: alternatively, an argparse namespace from ``deepspeed.add_config_arguments``
             (its ``deepspeed_config`` is used when ``config`` is None).
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: ``model(**batch).loss``.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's own loss (a language
+            model's scored inside its LM head, :mod:`subzero_ds.loss`).
 
     Returns:
         The :class:`SubZeroEngine`.
@@ -57,6 +62,22 @@ def initialize(
     raise_problems(environment.nvme_offload_problems(deepspeed_settings), source)
 
     init_distributed()
+    _agree(settings, ds_config, model)
+    ds_engine = _deepspeed_engine(model, deepspeed_settings, source)
+    shards = collect_shards(ds_engine.module)
+    _check_trainable(shards, settings)
+    frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
+    method = methods.build(settings, frozen_parameters=frozen)
+    log(f"subzero_ds: {settings.method} ({settings.update}, {settings.queries} quer"
+        f"{'y' if settings.queries == 1 else 'ies'}, {deepspeed_settings.accumulation_steps} micro-batch(es) per step) "
+        f"on {len(shards)} trainable tensors ({sum(s.numel for s in shards):,} elements), "
+        f"ZeRO stage {deepspeed_settings.stage}, lr={settings.lr:g}, eps={settings.eps:g}, {settings.options!r}, "
+        f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}")
+    return SubZeroEngine(ds_engine, settings, method, shards, loss_fn, deepspeed_settings.accumulation_steps)
+
+
+def _agree(settings: SubZeroConfig, ds_config: Mapping[str, Any], model: nn.Module) -> None:
+    """Every rank must have the same run seed, config and model, or their directions silently differ."""
     fingerprint = stable_seed(json.dumps(ds_config, sort_keys=True, default=str))
     differing = disagreements({"subzero.seed": settings.seed, "config": fingerprint, "model": model_fingerprint(model)})
     if differing:
@@ -66,19 +87,22 @@ def initialize(
             "directions differ and training is silently wrong. Pass the same config file, seed and model to every rank."
         )
 
-    ds_config = dict(deepspeed_settings.section)
+
+def _deepspeed_engine(model: nn.Module, settings: DeepSpeedSettings, source: str) -> Any:
+    """``deepspeed.initialize`` without an optimizer: ZeRO-3's parameter partitioning, or ZeRO-0."""
+    ds_config = dict(settings.section)
     if "train_batch_size" not in ds_config and "train_micro_batch_size_per_gpu" not in ds_config:
         ds_config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed insists; a ZO step takes any batch
     numels = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in model.named_parameters()}
-    raise_problems(environment.nvme_buffer_problems(deepspeed_settings, numels, get_world_size_and_rank()[0]), source)
-    partition_for_nvme(model, deepspeed_settings, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
+    raise_problems(environment.nvme_buffer_problems(settings, numels, get_world_size_and_rank()[0]), source)
+    partition_for_nvme(model, settings, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    accumulation = deepspeed_settings.accumulation_steps
+    return ds_engine
 
-    shards = collect_shards(ds_engine.module)
+
+def _check_trainable(shards: list[ParamShard], settings: SubZeroConfig) -> None:
     if not shards:
         raise ConfigError("the model has no parameter with requires_grad=True: there is nothing to train.")
-    frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
     half = sorted({str(s.dtype).removeprefix("torch.") for s in shards if s.dtype == torch.float16})
     if settings.update_rounding is UpdateRounding.STOCHASTIC and half:
         raise ConfigError(
@@ -86,17 +110,6 @@ def initialize(
             "stochastic rounding is implemented for bf16 (fp32 needs none). Train in bf16 (`\"bf16\": "
             "{\"enabled\": true}`) or set `subzero.update_rounding` to \"nearest\"."
         )
-    optimizer = ZOOptimizer(shards, methods.build(settings, frozen), settings.eps, in_place=not settings.fused,
-                            update_rounding=settings.update_rounding)
-    trainable = sum(s.numel for s in shards)
-    log(
-        f"subzero_ds: {settings.method} ({settings.update}, {settings.queries} quer"
-        f"{'y' if settings.queries == 1 else 'ies'}, {accumulation} micro-batch(es) per step) on {len(shards)} "
-        f"trainable tensors ({trainable:,} elements), "
-        f"ZeRO stage {deepspeed_settings.stage}, lr={settings.lr:g}, eps={settings.eps:g}, {settings.options!r}, "
-        f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}"
-    )
-    return SubZeroEngine(ds_engine, settings, optimizer, loss_fn, accumulation_steps=accumulation)
 
 
 def model_fingerprint(model: nn.Module) -> int:

@@ -1,0 +1,178 @@
+"""Writing directions into this rank's shards: θ ± εD for a probe, the method's update, θ back.
+
+Every write is one generate-and-apply pass per shard on the shard's own device
+(:func:`subzero_ds.kernels.apply_`): no direction is materialized beside it, and nothing crosses
+between host and accelerator (a shard offloaded to the host is computed on the host). A write then
+orders itself before ZeRO-3's next all-gather and releases any gathered copy of a parameter it did
+not reach, so the next forward sees exactly what was written.
+
+Exact restore: in-place probing first copies this rank's trainable shards into a :class:`Backup`
+of the same dtype on the same device; θ ± εD are computed from it in fp32 and the update is written
+from it, so a step with lr = 0 leaves every parameter bit-identical (no +ε, −2ε, +ε drift). Extra
+memory: one copy of this rank's trainable shard in the parameter dtype (full fine-tuning: model
+bytes / world size; PEFT: the adapter only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import deepspeed
+import torch
+
+from .config import UpdateRounding
+from .methods import ZOMethod
+from .methods.base import StateTensor, UpdateStep, WriteRange
+from .phases import phase
+from .seeds import key_of
+from .zero.shards import ParamShard, order_before_gathers
+
+
+class Backup:
+    """A copy of this rank's trainable shards in their dtype on their device: the θ that in-place
+    probes perturb from and restore to, and that the update reads.
+
+    Persistent ZeRO-3 parameters (small; DeepSpeed keeps them gathered) are backed up whole, so
+    that their gathered copy can be written alongside the shard and no forward has to gather them
+    again.
+    """
+
+    def __init__(self, shards: list[ParamShard]) -> None:
+        self.shards = shards
+        # On the shard's own device; sized from the partition size (an NVMe-swapped shard's local() is not readable here).
+        self.local = [torch.empty(s.local_numel, dtype=s.dtype, device=s.device) for s in shards]
+        self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
+        self.whole: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
+
+    def save_(self) -> None:
+        """Copy the current shards. Collective under ZeRO-3: the first time, a persistent parameter that is
+        not gathered yet is gathered to back it up."""
+        with phase("backup"), torch.no_grad():
+            for shard, backup in zip(self.shards, self.local):
+                with shard.swapped_in() as local:
+                    backup.copy_(local)
+            not_gathered = [self.shards[i].param for i in self._persistent if self.shards[i].gathered() is None]
+            with deepspeed.zero.GatheredParameters(not_gathered):  # a no-op once they stay gathered
+                self.whole = {i: self.shards[i].param.data.view(-1).clone() for i in self._persistent}
+
+
+class ShardWriter:
+    """Writes this rank's shards of the trainable parameters, and holds the method's state.
+
+    Args:
+        shards: this rank's trainable shards.
+        method: the ZO method: its direction, estimator and update rule.
+        eps: perturbation scale ε.
+        update_rounding: how a bf16 parameter takes its update (stochastic: seeded by position).
+        release_gathered: drops ZeRO-3's gathered copies (``empty_partition_cache``), called after a
+            write that left one stale.
+    """
+
+    def __init__(self, shards: list[ParamShard], method: ZOMethod, eps: float,
+                 update_rounding: UpdateRounding = UpdateRounding.NEAREST,
+                 release_gathered: Callable[[], None] = lambda: None) -> None:
+        self.shards, self.method, self.eps = shards, method, eps
+        self.update_rounding = update_rounding
+        self._release_gathered = release_gathered
+        self.targets = [write_range(shard) for shard in shards]
+        method.direction.allocate_(self.targets)
+        method.update.allocate_(self.targets)
+
+    def perturb_(self, step: int, sign: float, query: int, theta: Backup) -> None:
+        """Set each shard to θ + sign·ε·D_{step,query}, θ from ``theta`` (so probes can run in any order)."""
+        direction = self.method.direction
+
+        def perturb(target: WriteRange, out: torch.Tensor, src: torch.Tensor, start: int) -> None:
+            direction.apply_(out, src, target.name, target.shape, step, start, beta=1.0, alpha=sign * self.eps,
+                             query=query)
+
+        with phase("perturb"):
+            self._write_(perturb, theta)
+
+    def restore_(self, theta: Backup) -> None:
+        """Put back exactly the θ of ``theta``."""
+        with phase("restore"), torch.no_grad():
+            for shard, backup in zip(self.shards, theta.local):
+                with shard.swapped_in() as local:  # an NVMe shard is written back on exit
+                    local.copy_(backup)
+            for index, backup in theta.whole.items():
+                gathered = self.shards[index].gathered()
+                if gathered is not None:
+                    gathered.copy_(backup)
+            stale = any(s.gathered() is not None and i not in theta.whole for i, s in enumerate(self.shards))
+            self._settle(stale)
+
+    def update_(self, update: UpdateStep, theta: Backup | None) -> None:
+        """θ ← the method's update rule applied to θ, read from ``theta`` (in-place probing left the
+        shards perturbed) or, when None, from the shards themselves."""
+        rule = self.method.update
+
+        def apply_update(target: WriteRange, out: torch.Tensor, src: torch.Tensor, start: int) -> None:
+            rule.write_(target, out, src, start, update, self._rounding_key(target, update.step))
+
+        with phase("update"):
+            self._write_(apply_update, theta)
+            rule.end_()
+
+    def state(self) -> list[StateTensor]:
+        """The method's state tensors (direction and update rule), for checkpoints."""
+        return [*self.method.direction.state(), *self.method.update.state()]
+
+    def scalars(self) -> dict:
+        """The method's JSON-serializable state, the same on every rank."""
+        return {"direction": self.method.direction.scalars(), "update": self.method.update.scalars()}
+
+    def load_scalars_(self, values: dict) -> None:
+        """Restore what :meth:`scalars` returned."""
+        self.method.direction.load_scalars_(values.get("direction", {}))
+        self.method.update.load_scalars_(values.get("update", {}))
+
+    def _rounding_key(self, target: WriteRange, step: int) -> tuple[int, int] | None:
+        """Random bits for stochastic rounding of this update (bf16 only; fp32 rounds exactly enough)."""
+        if self.update_rounding is UpdateRounding.STOCHASTIC and target.dtype == torch.bfloat16:
+            return key_of(self.method.direction.seed, "update rounding", step, target.name, target.shape)
+        return None
+
+    def _write_(self, writer: Callable[[WriteRange, torch.Tensor, torch.Tensor, int], None], theta: Backup | None
+                ) -> None:
+        """Each shard ← ``writer(target, out, src, start)``: θ read from ``src``, written to ``out``.
+
+        θ is ``theta``'s copy, or the shard itself when None. A persistent parameter is computed once,
+        whole, into its gathered copy (from its whole backup, or from that copy itself), and its owned
+        range copied into the shard: the two stay bit-identical however their devices compute. A
+        gathered copy with no whole θ to write it from is left stale, and released.
+        """
+        stale = False
+        with torch.no_grad():
+            for index, (shard, target) in enumerate(zip(self.shards, self.targets)):
+                with shard.swapped_in() as local:  # an NVMe shard is written back on exit
+                    gathered = shard.gathered()
+                    source = gathered if theta is None else theta.whole.get(index)
+                    if gathered is not None and source is not None:
+                        writer(target, gathered, source, 0)
+                        if not _same_storage(gathered, local):
+                            local.copy_(gathered.narrow(0, shard.start, shard.local_numel))
+                    else:
+                        stale |= gathered is not None
+                        writer(target, local, local if theta is None else theta.local[index], shard.start)
+        self._settle(stale)
+
+    def _settle(self, stale: bool) -> None:
+        """Order the writes before the next all-gather; drop gathered copies the write left stale."""
+        order_before_gathers(self.shards)
+        if stale:
+            with phase("cache release"):
+                self._release_gathered()
+
+
+def write_range(shard: ParamShard) -> WriteRange:
+    """Where the writer writes ``shard``'s parameter: the whole of a persistent one (into its gathered
+    copy, on the parameter's device), else this rank's range on the shard's device."""
+    if shard.is_persistent:
+        return WriteRange(shard.name, shard.shape, 0, shard.numel, shard.param.device, shard.is_matrix, shard.dtype)
+    return WriteRange(shard.name, shard.shape, shard.start, shard.end, shard.device, shard.is_matrix, shard.dtype)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if ``a`` and ``b`` share memory (1 rank: DeepSpeed's gathered copy may be the shard itself)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
