@@ -35,7 +35,8 @@ from subzero_ds.checkpoint.sharded import CheckpointError, latest_checkpoint
 from subzero_ds.config import ConfigError, check_deepspeed_accepts, deepspeed_section, load_ds_config, parse, parse_config
 from subzero_ds.config.deepspeed import parse_deepspeed
 from subzero_ds.config.errors import raise_problems
-from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch, lm_loss
+from subzero_ds.loss import language_model_loss
+from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch
 from subzero_ds.distributed import (barrier, disagreements, exit_process, get_world_size_and_rank, init_distributed,
                                     is_local_main_process, is_main_process, log, sum_over_ranks)
 from subzero_ds.engine import NonFiniteLossError, StepResult
@@ -352,7 +353,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     classify = masked_lm or args.train_as_classification
     if classify and task.kind is TaskKind.GENERATION:
         raise DataError(f"--train_as_classification needs candidates; task {task.name!r} is generation")
-    make_batch, loss_fn = (candidate_batch, classification_loss) if classify else (lm_batch, lm_loss)
+    # Language-model training: the package's one LM loss, scored inside the LM head (never the whole logits).
+    make_batch, loss_fn = (candidate_batch, classification_loss) if classify else (lm_batch, language_model_loss)
     for split, samples in (("training", train_samples), ("dev", dev_samples), ("evaluation", eval_samples)):
         check_examples(samples, encoder, split, generate=split == "evaluation")  # before the model loads
 

@@ -240,7 +240,3 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     scores = candidate_scores(model, batch)
     return F.cross_entropy(scores, batch["gold"].to(scores.device))
 
-
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Language-model loss on the answer tokens only."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
