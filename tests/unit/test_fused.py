@@ -170,8 +170,8 @@ def test_bf16_fused_losses_match_the_in_place_ones(bf16_in_place):
 def test_swapped_halves_fail_the_bf16_comparison(bf16_in_place, monkeypatch):
     """The comparison above can fail: with the side path's ± halves swapped, it does."""
     in_place, bounds = bf16_in_place
-    half_signs = fused_module._half_signs
-    monkeypatch.setattr(fused_module, "_half_signs", lambda *args, **kwargs: -half_signs(*args, **kwargs))
+    half_signs = fused_module.batches.half_signs
+    monkeypatch.setattr(fused_module.side_paths, "half_signs", lambda *args, **kwargs: -half_signs(*args, **kwargs))
     _, swapped = bf16_run(True)
     with pytest.raises(AssertionError):
         assert_same_differences(in_place, swapped, bounds)

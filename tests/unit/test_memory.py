@@ -102,7 +102,7 @@ def test_chunk_constants_match_perturbation_and_loss():
     from subzero_ds import fused, loss
 
     assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
-    assert memory.SIDE_PATH_UPCAST_ELEMENTS == fused.UPCAST_CHUNK_ELEMENTS
+    assert memory.SIDE_PATH_UPCAST_ELEMENTS == fused.side_paths.UPCAST_CHUNK_ELEMENTS
 
 
 # --- accounting ---------------------------------------------------------------------------------

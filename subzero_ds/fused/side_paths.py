@@ -1,34 +1,4 @@
-"""The fused ± pass: ℓ+ and ℓ− from ONE forward over the doubled batch [B; B].
-
-Because SubZero's D = U·C·Vᵀ is low-rank (C = μ·Z), (W ± εD)x = Wx ± ε·U(C(Vᵀx)): the weights stay
-untouched and a rank-r side path adds +… to the first half of a module's output and −… to the
-second. Under ZeRO-3 every layer is then gathered once per step instead of twice, and only the
-update writes to the shards (no restore, so no half-precision restore drift).
-
-How each trainable parameter is served, decided once per model:
-
-- ``nn.Linear`` weight with a low-rank direction: side path ``± ε·((x V) Cᵀ) Uᵀ``;
-- GPT-2's ``Conv1D`` weight (``x W + b``, W stored in×out) with a low-rank direction: side path
-  ``± ε·((x U) C) Vᵀ`` (x·D rather than x·Dᵀ: the factors swap roles relative to ``nn.Linear``);
-- ``nn.Embedding`` weight with a low-rank direction: side path ``± ε·(U[ids] C) Vᵀ`` (a tied
-  LM head is an ``nn.Linear`` with the same parameter, hence the same direction);
-- ``nn.Linear`` and ``Conv1D`` bias: ``± ε·d``, its Gaussian direction added to the output;
-- everything else (norm weights, MeZO's full-rank directions, reshaped PEFT factors, module
-  types this file does not know): *materialized per gathered layer* — the module runs twice on
-  the two halves of its input with its parameters set to θ + εD and θ − εD exactly as the
-  in-place mode would write them, then its gathered tensors are put back untouched.
-
-A layer whose input is shared by the whole batch (one row in dim 0, broadcast later: GPT-2's
-position embedding gets ``position_ids`` of shape 1 × seq) has one output for both halves; its
-output is repeated to the doubled batch's rows first, so each half gets its own sign.
-
-The loss function is not changed: :func:`half_losses` runs it twice against stand-ins for the
-model; the first run's model calls execute the real model once each on the doubled batch, and
-every call hands back the half of the output that belongs to that run. With the default loss (a
-Hugging Face causal/masked LM and its labels), :meth:`FusedPass.language_model_losses` instead
-scores both halves inside the LM head's forward, a chunk of rows at a time, so that the logits
-of the doubled batch never exist whole.
-"""
+"""The side paths of the fused ± pass: per served module, the output of θ ± εD on each half of [B; B]."""
 
 from __future__ import annotations
 
@@ -41,15 +11,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 from transformers.pytorch_utils import Conv1D
 
-from .distributed import log
-from .loss import CHUNKED_LOSS_TYPES, logits_loss, loss_type, no_cache, replaced_forward, scored_in_head
-from .loss import scores_language_model, scoring_head
-from .methods.base import Direction, LowRank
-from .zero.shards import ParamShard
-
+from ..distributed import log
+from ..loss import no_cache, replaced_forward, scored_in_head, scores_language_model, scoring_head
+from ..methods.base import Direction, LowRank
+from ..zero.shards import ParamShard
+from .batches import batch_rows, concat, doubled, first_rows, half_of, half_signs, repeat_rows
 
 UPCAST_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per chunk of a half-precision layer input
 
@@ -63,10 +31,6 @@ def full_fp32_matmuls() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
-
-
-class FusedPassError(RuntimeError):
-    """A model or loss function that the fused ± pass cannot serve (the fix: ``"fused": false``)."""
 
 
 @dataclass
@@ -113,7 +77,7 @@ class FusedPass:
         fallback = Counter(type(s.module).__name__ for s in self.served if not s.side_path)
         side = sum(len(s.params) for s in self.served if s.side_path)
         log(f"fused ± pass: {side} parameter uses served by a side path"
-            + (f"; materialized per gathered layer (in-place arithmetic on each half): "
+            + ("; materialized per gathered layer (in-place arithmetic on each half): "
                + ", ".join(f"{n}×{k}" for k, n in sorted(fallback.items())) if fallback else ""))
 
     def _has_side_path(self, module: nn.Module, attr: str, shard: ParamShard) -> bool:
@@ -145,7 +109,7 @@ class FusedPass:
 
     def _record_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: remember the doubled batch's rows (for inputs shared by the batch)."""
-        self._rows = _first_rows(args, kwargs)
+        self._rows = first_rows(args, kwargs)
 
     def _broadcast_rows(self, inputs: torch.Tensor) -> int | None:
         """The doubled batch's rows if ``inputs`` is one row shared by the whole batch, else None."""
@@ -177,7 +141,7 @@ class FusedPass:
                     self._sign_of_half = outer
             return out
 
-        inputs = {k: _doubled(v) for k, v in batch.items() if k != "labels"}
+        inputs = {k: doubled(v) for k, v in batch.items() if k != "labels"}
         with self.active(step, query=query, skip=head), scored_in_head(self.model, head, batch["labels"], halves=2,
                                                                        logits_of=logits) as scores:
             self.model(**inputs, **no_cache(self.model))
@@ -204,7 +168,7 @@ class FusedPass:
             return self._sign_of_half * self.eps
         key = (inputs.shape[0], ndim, inputs.device)
         if key not in self._sign_cache:  # built once per shape and device, not once per module call
-            self._sign_cache[key] = _half_signs(inputs.shape[0], self.eps, ndim, module, inputs.device)
+            self._sign_cache[key] = half_signs(inputs.shape[0], self.eps, ndim, module, inputs.device)
         return self._sign_cache[key]
 
     def _side_path_hook(self, served: _Served, step: int, query: int = 0) -> Callable:
@@ -273,83 +237,16 @@ class FusedPass:
                 first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim), None)
                 shared = self._broadcast_rows(first) if first is not None else None
                 if shared is not None:  # one input row shared by the batch: each sign's output for its half
-                    halves = [_repeat_rows(run(sign, *args, **kwargs), shared // 2) for sign in (1.0, -1.0)]
-                    return _concat(halves, served.module)
-                rows = _batch_rows(args, kwargs, served.module)
-                halves = [run(sign, *_half(args, rows, h), **_half(kwargs, rows, h)) for h, sign in ((0, 1.0), (1, -1.0))]
-                return _concat(halves, served.module)
+                    halves = [repeat_rows(run(sign, *args, **kwargs), shared // 2) for sign in (1.0, -1.0)]
+                    return concat(halves, served.module)
+                rows = batch_rows(args, kwargs, served.module)
+                halves = [run(sign, *half_of(args, rows, h), **half_of(kwargs, rows, h)) for h, sign in ((0, 1.0), (1, -1.0))]
+                return concat(halves, served.module)
             finally:
                 for attr, p in params.items():
                     p.data = gathered[attr]
 
         return split_forward
-
-
-def half_losses(loss_fn: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module, batch: Any) -> tuple[float, float]:
-    """(ℓ+, ℓ−) of ``loss_fn(model, batch)`` from one model forward per model call, on the doubled batch.
-
-    ``loss_fn`` runs twice against stand-ins for ``model``. In the first run each model call runs
-    the real model once with every tensor argument doubled along dim 0; both runs get their half
-    of that output. Labels are held back from the doubled call and each half's loss is computed
-    with the model's own loss function, as its forward would.
-    """
-    cache: list[tuple[Any, Any]] = []
-    losses = []
-    for half in (0, 1):
-        stand_in = _HalfModel(model, cache, half)
-        losses.append(float(loss_fn(stand_in, batch).detach().float()))
-        if stand_in.calls != len(cache):
-            raise FusedPassError(
-                f"the loss function called the model {len(cache)} times for ℓ+ but {stand_in.calls} times for "
-                "ℓ−: the fused ± pass needs a loss function that calls the model the same way each time. "
-                'Make it deterministic, or set "fused": false in the "subzero" section.'
-            )
-    return losses[0], losses[1]
-
-
-class _HalfModel:
-    """Stands in for the model inside ``loss_fn``: one half of each fused model call's output."""
-
-    def __init__(self, model: nn.Module, cache: list[tuple[Any, Any]], half: int) -> None:
-        self._model, self._cache, self._half, self.calls = model, cache, half, 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._half == 0:
-            labels = kwargs.pop("labels", None)
-            doubled = self._model(*_doubled(args), **_doubled(kwargs))
-            self._cache.append((doubled, labels))
-        elif self.calls >= len(self._cache):
-            raise FusedPassError(
-                "the loss function called the model more often for ℓ− than for ℓ+: the fused ± pass needs the "
-                'same calls each time. Make it deterministic, or set "fused": false in the "subzero" section.'
-            )
-        doubled, labels = self._cache[self.calls]
-        self.calls += 1
-        output = _take_half(doubled, self._half)
-        if labels is not None:
-            output["loss"] = _model_loss(self._model, output["logits"], labels)
-        return output
-
-    forward = __call__
-
-    def get_output_embeddings(self) -> None:
-        """None: the loss function must score the logits this stand-in returns, not inside the real LM head."""
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
-def _model_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss the model's forward computes from ``labels`` (causal and masked LMs), in chunks."""
-    kind = loss_type(model) or "ForCausalLM"
-    if kind not in CHUNKED_LOSS_TYPES:
-        raise FusedPassError(
-            f"the fused ± pass computes ℓ+ and ℓ− from the logits, and knows causal- and masked-LM losses only; "
-            f"this model's loss type is {kind!r}. Pass `loss_fn(model, batch)` computing the loss from "
-            'the logits to subzero_ds.initialize, or set "fused": false in the "subzero" section.'
-        )
-    return logits_loss(model, logits, labels)
 
 
 def _project(inputs: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
@@ -359,84 +256,3 @@ def _project(inputs: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
     flat = inputs.reshape(-1, inputs.shape[-1])
     rows = max(1, UPCAST_CHUNK_ELEMENTS // flat.shape[-1])
     return torch.cat([chunk.float() @ left for chunk in flat.split(rows)]).view(*inputs.shape[:-1], -1)
-
-
-def _doubled(values: Any) -> Any:
-    if isinstance(values, torch.Tensor):
-        return torch.cat([values, values]) if values.ndim else values
-    if isinstance(values, dict):
-        return {k: _doubled(v) for k, v in values.items()}
-    if isinstance(values, (tuple, list)):
-        return type(values)(_doubled(v) for v in values)
-    return values
-
-
-def _take_half(output: Any, half: int) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output.narrow(0, half * (output.shape[0] // 2), output.shape[0] // 2) if output.ndim else output
-    if isinstance(output, dict):  # ModelOutput is a dict; copy it without its fused-batch loss
-        halved = type(output)(**{k: _take_half(v, half) for k, v in output.items() if k != "loss"})
-        return halved
-    if isinstance(output, (tuple, list)):
-        return type(output)(_take_half(v, half) for v in output)
-    return output
-
-
-def _half_signs(rows: int, eps: float, ndim: int, module: nn.Module, device: torch.device | str = "cpu") -> torch.Tensor:
-    """+ε for the first half of the rows, −ε for the second (on ``device``), shaped to broadcast over ``ndim`` dims."""
-    if rows % 2:
-        raise FusedPassError(
-            f"{type(module).__name__} got an input with {rows} rows in dim 0; the fused ± pass needs the doubled "
-            'batch [B; B] in dim 0 of every layer input. Set "fused": false in the "subzero" section for this model.'
-        )
-    half = torch.full((rows // 2,), eps, dtype=torch.float32, device=device)
-    return torch.cat([half, -half]).view(rows, *([1] * (ndim - 1)))
-
-
-def _first_rows(args: tuple, kwargs: dict) -> int | None:
-    """Rows in dim 0 of the first tensor argument with a dim 0, or None."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.ndim:
-            return value.shape[0]
-    return None
-
-
-def _repeat_rows(output: Any, rows: int) -> Any:
-    """``output`` (tensors with one row in dim 0, possibly nested in tuples) repeated to ``rows`` rows."""
-    if isinstance(output, torch.Tensor):
-        return output.expand(rows, *output.shape[1:]) if output.ndim and output.shape[0] == 1 else output
-    if isinstance(output, (tuple, list)):
-        return type(output)(_repeat_rows(v, rows) for v in output)
-    return output
-
-
-def _batch_rows(args: tuple, kwargs: dict, module: nn.Module) -> int:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.ndim:
-            _half_signs(value.shape[0], 0.0, 1, module)  # raises unless the rows split in halves
-            return value.shape[0]
-    raise FusedPassError(f"{type(module).__name__} was called without a tensor input to split into ± halves.")
-
-
-def _half(values: Any, rows: int, half: int) -> Any:
-    if isinstance(values, torch.Tensor):
-        return values.narrow(0, half * rows // 2, rows // 2) if values.ndim and values.shape[0] == rows else values
-    if isinstance(values, dict):
-        return {k: _half(v, rows, half) for k, v in values.items()}
-    if isinstance(values, (tuple, list)):
-        return type(values)(_half(v, rows, half) for v in values)
-    return values
-
-
-def _concat(outputs: list[Any], module: nn.Module) -> Any:
-    first, second = outputs
-    if isinstance(first, torch.Tensor):
-        return torch.cat([first, second]) if first.ndim else first
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([a, b], module) for a, b in zip(first, second))
-    if first is None:
-        return None
-    raise FusedPassError(
-        f"{type(module).__name__} returned {type(first).__name__}; the fused ± pass can only join tensor outputs "
-        'of a layer run on two halves. Set "fused": false in the "subzero" section for this model.'
-    )
