@@ -5,11 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
-from transformers import BatchEncoding, RobertaConfig, RobertaForMaskedLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import BatchEncoding, Gemma2Config, Gemma2ForCausalLM, RobertaConfig, RobertaForMaskedLM
 
 from subzero_ds import loss as loss_module
 from helpers.tiny import VOCAB, pattern_batch, tiny_model
-from subzero_ds.loss import model_loss
+from subzero_ds.loss import computes_language_model_loss, language_model_loss, model_loss, scoring_head
 
 
 def with_ignored_labels(batch):
@@ -79,3 +80,58 @@ def test_a_model_without_a_language_model_loss_returns_its_own():
             return SimpleNamespace(loss=(x - labels).square().mean())
 
     assert model_loss(Scorer(), {"x": torch.ones(3), "labels": torch.zeros(3)}).item() == 1.0
+
+
+class LargestVocabularyOutput(TorchDispatchMode):
+    """Records the most rows of any new tensor an op produces with the vocabulary as its last dimension
+    (views of existing tensors, such as the head's transposed weight, are not new memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+            if (isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape[-1] == VOCAB
+                    and tensor.untyped_storage().data_ptr() not in inputs):
+                self.rows = max(self.rows, tensor.numel() // VOCAB)
+        return out
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama", "gpt2"])
+def test_the_logits_never_exist_whole(arch, small_chunks):
+    """The loss is scored inside the LM head: at most one chunk of rows of logits (5 here) at a time, and the
+    model's forward returns none; 48 rows would exist whole with Hugging Face's loss."""
+    model = tiny_model(arch).eval()
+    batch = with_ignored_labels(pattern_batch(4, seq_len=12))
+    with torch.no_grad():
+        expected = model(**batch).loss
+        with LargestVocabularyOutput() as recorder:
+            ours = language_model_loss(model, batch)
+    assert recorder.rows == 5
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_that_transforms_its_logits_is_scored_from_them():
+    """Gemma-2 softcaps its logits after the head: scoring inside the head would miss that, so its loss comes
+    from the logits (still a chunk of rows at a time)."""
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=2.0)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    assert scoring_head(model) is None and scoring_head(tiny_model("llama")) is not None
+    batch = with_ignored_labels(pattern_batch(2, seq_len=10))
+    with torch.no_grad():
+        torch.testing.assert_close(language_model_loss(model, batch), model(**batch).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_the_language_model_losses_say_so_and_others_do_not():
+    """The fused pass takes its LM-head path for loss functions that declare they are the LM loss."""
+    from subzero_ds.tasks.encoding import classification_loss
+
+    assert computes_language_model_loss(language_model_loss) and computes_language_model_loss(model_loss)
+    assert not computes_language_model_loss(classification_loss)
+    assert not computes_language_model_loss(lambda model, batch: model(**batch).loss)
