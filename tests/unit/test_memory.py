@@ -20,6 +20,7 @@ from subzero_ds.memory import (
     ZeroSettings,
     estimate,
 )
+from subzero_ds.memory import zo_step
 
 GiB = memory.GiB
 
@@ -101,8 +102,8 @@ def test_builtin_parameter_counts():
 def test_chunk_constants_match_perturbation_and_loss():
     from subzero_ds import fused, loss
 
-    assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
-    assert memory.SIDE_PATH_UPCAST_ELEMENTS == fused.UPCAST_CHUNK_ELEMENTS
+    assert zo_step.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
+    assert zo_step.SIDE_PATH_UPCAST_ELEMENTS == fused.UPCAST_CHUNK_ELEMENTS
 
 
 # --- accounting ---------------------------------------------------------------------------------
@@ -263,8 +264,8 @@ def test_method_state_is_sharded_like_the_parameters(section, per_element):
     cluster = memory.Cluster(nodes=1, gpus_per_node=8)
     result = memory.estimate("opt-13b", {"zero_optimization": {"stage": 3}, "subzero": section}, cluster)
     (state,) = [i for i in result.items if i.name.startswith("method state")]
-    shard_elements = memory._shard_elements(result.architecture, cluster.world)
-    chunks = memory.METHOD_CHUNK_ELEMENTS * 8 if section.get("update") == "adam" or section["method"] == "hizoo" else 0
+    shard_elements = zo_step.shard_elements(result.architecture, cluster.world)
+    chunks = zo_step.METHOD_CHUNK_ELEMENTS * 8 if section.get("update") == "adam" or section["method"] == "hizoo" else 0
     assert state.gpu == shard_elements * per_element + chunks
 
 
@@ -274,4 +275,4 @@ def test_subzero_keeps_its_momentum_and_adam_state_in_subspace_coordinates():
     adam = memory.estimate("opt-13b", {"zero_optimization": {"stage": 3}, "subzero": {"update": "adam"}}, cluster)
     assert not [i for i in sgd.items if i.name.startswith("method state")]
     (state,) = [i for i in adam.items if i.name.startswith("method state")]
-    assert state.gpu < 0.01 * memory._shard_elements(adam.architecture, 8) * 8  # r×r, not m×n
+    assert state.gpu < 0.01 * zo_step.shard_elements(adam.architecture, 8) * 8  # r×r, not m×n
