@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.offload:
             overrides["offload"] = Offload(args.offload)
         if args.fused:
-            overrides["fused"] = args.fused == "on"
+            zero = zero.with_fused(args.fused == "on")
         cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.cpu_memory_gib, args.nvme_gib)
         result = estimate(arch, replace(zero, **overrides), cluster, BatchShape(1 if args.batch_size is None else args.batch_size, args.seq_len),
                           device=args.device, attention=args.attention)  # fmt: skip

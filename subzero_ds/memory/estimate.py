@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..methods import registry
+from ..methods.registry import MethodSpec
 from .architectures import Architecture, load_architecture
 from .errors import MemoryPlanError
 from .first_order import first_order_items
@@ -99,10 +101,12 @@ def estimate(
         raise MemoryPlanError(f"`device` is {device!r}; use \"cuda\" (GPUs) or \"cpu\" (a CPU-only validation run).")
     if attention not in ("sdpa", "eager"):
         raise MemoryPlanError(f"`attention` is {attention!r}; use \"sdpa\" or \"eager\".")
-    if zero.fused and zero.method != "subzero":
+    if zero.fused and not _fused_modelled(zero.method_spec):
+        low_rank = " or ".join(f'"{name}"' for name in registry.method_names() if _fused_modelled(registry.method(name)))
         raise MemoryPlanError(
-            "`subzero.fused` is true with `subzero.method` \"mezo\": the fused ± pass needs a low-rank direction. "
-            "Set `method` to \"subzero\" or `fused` to false."
+            f"`subzero.fused` is true with `subzero.method` \"{zero.method_spec.name}\": the planner models the fused "
+            "± pass for low-rank directions only (a full-rank direction is materialised per gathered layer). Set "
+            f"`fused` to false, or `method` to {low_rank}."
         )
     if batch.seq_len > arch.max_positions:
         raise MemoryPlanError(
@@ -149,13 +153,11 @@ def _advice(result: Estimate, attention: str) -> list[str]:
         return not _capacity_problems(Estimate(arch, z, c, b, device, items, [], moment), first_order=False)
 
     advice = []
-    if zero.method == "subzero":
-        flipped = replace(zero, fused=not zero.fused)
-        if fits(flipped):
-            advice.append(
-                f"set `subzero.fused` to {str(not zero.fused).lower()} "
-                + ("(no backup copy; activations double)" if not zero.fused else "(activations halve; adds a backup copy)")
-            )
+    if _fused_modelled(zero.method_spec) and fits(zero.with_fused(not zero.fused)):
+        advice.append(
+            f"set `subzero.fused` to {str(not zero.fused).lower()} "
+            + ("(no backup copy; activations double)" if not zero.fused else "(activations halve; adds a backup copy)")
+        )
     for target in (Offload.CPU, Offload.NVME):
         if zero.offload is not target and fits(replace(zero, offload=target)):
             advice.append(f"offload the parameters: `zero_optimization.offload_param.device` = \"{target.value}\"")
@@ -179,3 +181,8 @@ def _advice(result: Estimate, attention: str) -> list[str]:
             "(LoRA) so that only adapters are trained"
         )
     return advice
+
+
+def _fused_modelled(method: MethodSpec) -> bool:
+    """Whether the planner models the fused ± pass for ``method``: fusable, with low-rank side paths."""
+    return method.fusable and method.subspace_rank is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import SubZeroConfig
 from .architectures import BUILTIN_MODELS
 from .estimate import Estimate, estimate
 from .settings import GiB, BatchShape, Cluster, Offload, ZeroSettings
@@ -11,10 +12,11 @@ def render_report(result: Estimate) -> str:
     """The itemised table, the verdict and the advice of ``result``, as text."""
     a, z, c, b = result.architecture, result.zero, result.cluster, result.batch
     mode = "fused [B;B]" if z.fused else "in-place"
+    method = z.subzero.method + ("" if z.subspace_rank is None else f" (rank {z.subspace_rank})")
     lines = [
         f"Model {a.name}: {a.total_params / 1e9:.3f}B parameters ({a.family}, hidden {a.hidden}, {a.layers} layers, "
         f"ffn {a.ffn}, {a.heads} heads, vocab {a.vocab}, {'tied' if a.tied else 'untied'} embeddings)",
-        f"ZeRO-3, {z.precision}, offload_param={z.offload.value}, {z.method} (rank {z.rank}), {mode}; "
+        f"ZeRO-3, {z.precision}, offload_param={z.offload.value}, {method}, {mode}; "
         f"{c.nodes} node(s) × {c.gpus_per_node} GPU(s) = {c.world} ranks; batch {b.batch_size} × {b.seq_len} "
         f"tokens per rank; device={result.device}",
         "",
@@ -66,7 +68,9 @@ def prediction_table(batch: BatchShape = BatchShape(4, 512), precision: str = "b
             for offload in (Offload.NONE, Offload.CPU):
                 cells = []
                 for fused in (False, True):
-                    settings = ZeroSettings(precision=precision, offload=offload, rank=rank, fused=fused)
+                    # The published table is SubZero's (its first line says so).
+                    subzero = SubZeroConfig.from_section({"method": "subzero", "rank": rank, "fused": fused})
+                    settings = ZeroSettings(precision=precision, offload=offload, subzero=subzero)
                     e = estimate(arch, settings, cluster, batch)
                     cells.append(_cell(e.total("gpu"), e.total("cpu") * gpus_per_node, e.fits))
                 cells.append(_cell(e.total("gpu", True), e.total("cpu", True) * gpus_per_node, e.first_order_fits))

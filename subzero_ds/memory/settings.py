@@ -1,8 +1,9 @@
 """What the planner is told about a run besides the model: its ZeRO-3 settings, the cluster, the micro-batch.
 
 :func:`load_zero_settings` reads a DeepSpeed config through :func:`subzero_ds.config.parse` (the
-same parse a run makes) into :class:`ZeroSettings`; :class:`Cluster` and :class:`BatchShape` are
-given directly (or by the command line's flags).
+same parse a run makes) into :class:`ZeroSettings`, which keeps the parsed ``"subzero"`` section and
+looks its method and update rule up in :mod:`subzero_ds.methods.registry`; :class:`Cluster` and
+:class:`BatchShape` are given directly (or by the command line's flags).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from ..config import ConfigError, SubZeroConfig, load_ds_config, parse
+from ..methods import registry
+from ..methods.registry import MethodSpec, UpdateSpec
 from .errors import MemoryPlanError
 
 GiB = 2**30
@@ -39,7 +43,12 @@ class Offload(str, Enum):
 
 @dataclass(frozen=True)
 class ZeroSettings:
-    """What the planner reads from a DeepSpeed config (stage 3) and its ``"subzero"`` section."""
+    """What the planner reads from a DeepSpeed config (stage 3) and its ``"subzero"`` section.
+
+    ``subzero`` is the parsed section (defaults: SubZero at rank 24, ZO-SGD, in place). What the
+    planner knows of its method and update rule (state, working chunks, subspace rank) comes from
+    their registered specs, :attr:`method_spec` and :attr:`update_spec`.
+    """
 
     precision: str = "bf16"
     offload: Offload = Offload.NONE
@@ -49,15 +58,41 @@ class ZeroSettings:
     persistence_threshold: int = DEFAULT_PERSISTENCE
     nvme_buffer_count: int = DEFAULT_NVME_BUFFER_COUNT
     nvme_buffer_size: int = DEFAULT_NVME_BUFFER_SIZE
-    method: str = "subzero"
-    rank: int = 24
-    fused: bool = False
-    update: str = "sgd"
+    # The section's defaults (SubZeroConfig() is not built bare: its validator reads a flat section).
+    subzero: SubZeroConfig = field(default_factory=lambda: SubZeroConfig.from_section({}))
 
     @property
     def dtype_bytes(self) -> int:
         """Bytes of one parameter (and activation) element."""
         return DTYPE_BYTES[self.precision]
+
+    @property
+    def fused(self) -> bool:
+        """Whether ℓ+ and ℓ− come from one forward over the doubled batch (``subzero.fused``)."""
+        return self.subzero.fused
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        """The registered spec of ``subzero.method``."""
+        return registry.method(self.subzero.method)
+
+    @property
+    def update_spec(self) -> UpdateSpec | None:
+        """The registered spec of ``subzero.update``; None when the method brings its own update rule
+        (its state is then all in :attr:`method_spec`)."""
+        return None if self.method_spec.update_rule is not None else registry.update(self.subzero.update)
+
+    @property
+    def subspace_rank(self) -> int | None:
+        """r when the method's matrix directions live in a rank-r subspace (``MethodSpec.subspace_rank``);
+        None otherwise."""
+        rank = self.method_spec.subspace_rank
+        return None if rank is None else rank(self.subzero.options)
+
+    def with_fused(self, fused: bool) -> ZeroSettings:
+        """These settings with ``subzero.fused`` set to ``fused`` (whether the planner models it is checked by
+        :func:`~subzero_ds.memory.estimate`)."""
+        return replace(self, subzero=self.subzero.model_copy(update={"fused": fused}))
 
 
 def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSettings:
@@ -67,8 +102,6 @@ def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSet
         MemoryPlanError: missing/invalid file, or a stage other than 3.
         subzero_ds.config.ConfigError: a bad ``"subzero"`` section or DeepSpeed setting (every problem listed).
     """
-    from ..config import ConfigError, load_ds_config, parse
-
     source = "the DeepSpeed config dict" if isinstance(config, Mapping) else repr(os.fspath(config))
     try:
         ds = load_ds_config(config)
@@ -84,8 +117,7 @@ def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSet
         precision=deepspeed.precision.value, offload=Offload(deepspeed.offload_device),
         prefetch_bucket=deepspeed.prefetch_bucket_size, max_live=deepspeed.max_live_parameters,
         max_reuse=deepspeed.max_reuse_distance, persistence_threshold=deepspeed.persistence_threshold,
-        nvme_buffer_count=deepspeed.nvme_buffer_count, nvme_buffer_size=deepspeed.nvme_buffer_size,
-        method=settings.method, rank=getattr(settings.options, "rank", 24), fused=settings.fused, update=settings.update,
+        nvme_buffer_count=deepspeed.nvme_buffer_count, nvme_buffer_size=deepspeed.nvme_buffer_size, subzero=settings,
     )
 
 

@@ -22,10 +22,16 @@
 - **in-place backup** (not in fused mode): a copy of this rank's trainable shard in the parameter
   dtype for exact restore, plus a whole copy of every persistent trainable parameter; it lives
   where the shards live (CPU memory under NVMe offload: DeepSpeed does not swap it);
-- **direction factors**: SubZero keeps U (m×r), Vᵀ (r×n) and the step's μZVᵀ (r×n) in fp32 for
-  every trainable matrix, r·(m+2n)·4 bytes; MeZO nothing (its direction is generated and applied
-  in one kernel pass over the shard, as SubZero's is from those factors). They live with the
-  shards (in-place) or on the GPU (fused: the rank-r side path runs inside the forward);
+- **direction factors**: a method whose matrix directions live in a rank-r subspace
+  (``MethodSpec.subspace_rank``: SubZero) keeps U (m×r), Vᵀ (r×n) and the step's μZVᵀ (r×n) in fp32
+  for every trainable matrix, r·(m+2n)·4 bytes; MeZO nothing (its direction is generated and
+  applied in one kernel pass over the shard, as SubZero's is from those factors). They live with
+  the shards (in-place) or on the GPU (fused: the rank-r side path runs inside the forward);
+- **method state**: the fp32 bytes per trainable element that the method's and the update rule's
+  registered specs declare (``state_bytes_per_element``: HiZOO's Hessian, momentum, Adam's m and
+  v), sharded like the parameters, except that a subspace method's update-rule state is r×r per
+  matrix; plus the scratch their writes allocate per chunk (``working_chunk_bytes``). It lives on
+  the shards' device (CPU memory under NVMe offload);
 - **runtime**: a fixed allowance per process (CUDA context and communication buffers on GPU; the
   Python/torch/DeepSpeed process on CPU). With ``device="cpu"`` (validation on a CPU-only
   machine) every GPU byte lives in host RAM and the runtime item is the measured fixed cost of a
@@ -37,11 +43,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ..methods.registry import MethodSpec
 from .architectures import Architecture
 from .settings import GiB, BatchShape, Cluster, Offload, ZeroSettings
 
-# Chunk sizes of subzero_ds.loss and subzero_ds.fused, repeated here so the planner does not
-# import torch (tests/unit/test_memory.py checks they agree).
+# Chunk sizes of subzero_ds.loss and subzero_ds.fused, repeated here so the planner does not import
+# the training code (the fused pass imports transformers); tests/unit/test_memory.py checks they agree.
 LOSS_CHUNK_ELEMENTS = 1 << 22
 SIDE_PATH_UPCAST_ELEMENTS = 1 << 22  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS
 
@@ -91,13 +98,14 @@ def _layer_activation_elements(arch: Architecture, tokens: int, batch: BatchShap
     return max(attn, mlp)
 
 
-def _lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int, rank: int, fused: bool = False) -> float:
+def _lm_head_bytes(arch: Architecture, tokens: int, dtype_bytes: int, rank: int | None, fused: bool = False) -> float:
     """Peak bytes of the LM head and the ZO loss over ``tokens`` tokens (the doubled batch when fused).
 
     In place: the logits in the model dtype and the final hidden states; the loss
     (``subzero_ds.loss``) upcasts and log-softmaxes one chunk of rows at a time. Fused: the LM
     head computes, side-paths and scores its logits a chunk of rows at a time inside its forward
-    (``FusedPass.language_model_losses``), so only the hidden states and one chunk's logits exist.
+    (``FusedPass.language_model_losses``), so only the hidden states and one chunk's logits exist
+    (and its rank-``rank`` side path).
     """
     hidden = tokens * arch.hidden * dtype_bytes
     logits = tokens * arch.vocab
@@ -119,27 +127,28 @@ def _upcast_chunk_bytes(dtype_bytes: int, elements: int) -> int:
 
 
 def _direction_bytes(arch: Architecture, zero: ZeroSettings) -> float:
-    """SubZero's factors of every trainable matrix in bytes, fp32.
+    """A subspace method's factors of every trainable matrix in bytes, fp32 (0 for other methods).
 
     The kernels generate and apply a direction in one pass over the shard, with no buffer beside it.
-    SubZero keeps per matrix U (m×r), Vᵀ (r×n) for the window and the step's μZ·Vᵀ (r×n), shared
-    by the step's passes.
+    A method with a ``subspace_rank`` (SubZero) keeps per matrix U (m×r), Vᵀ (r×n) for the window
+    and the step's μZ·Vᵀ (r×n), shared by the step's passes.
     """
-    if zero.method != "subzero":
+    rank = zero.subspace_rank
+    if rank is None:
         return 0.0
     bases = 0.0
     for shape, count in arch.shapes():
         if len(shape) != 2:
             continue
         m, n = shape
-        r = min(zero.rank, m, n)
+        r = min(rank, m, n)
         bases += count * r * (m + 2 * n) * 4
     return bases
 
 
 def zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: BatchShape, device: str,
              attention: str) -> tuple[list[Item], str]:  # fmt: skip
-    world, p = cluster.world, zero.dtype_bytes
+    world, p, rank = cluster.world, zero.dtype_bytes, zero.subspace_rank
     shard = shard_elements(arch, world) * p
     persistent = _persistent_elements(arch, zero.persistence_threshold) * p
     on_shard_tier = {Offload.NONE: "gpu", Offload.CPU: "cpu", Offload.NVME: "nvme"}[zero.offload]
@@ -172,15 +181,15 @@ def zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: Ba
     layer_act = _layer_activation_elements(arch, tokens, batch, attention) * p
     if zero.fused:
         # A Linear's side path: x·V (tokens × r, fp32), accumulated into the output in place.
-        layer_act += tokens * zero.rank * 4 + _upcast_chunk_bytes(p, tokens * arch.ffn)
+        layer_act += tokens * rank * 4 + _upcast_chunk_bytes(p, tokens * arch.ffn)
     # The LM head. In place, its weight is gathered for the matmul and released by DeepSpeed's
     # post-forward hook (the trace's last use) before the loss. Fused, the loss runs inside its
     # forward, with the weight gathered, a chunk of rows at a time.
     if zero.fused:
-        head_gathered, head_act = arch.embedding_params * p, _lm_head_bytes(arch, tokens, p, zero.rank, fused=True)
+        head_gathered, head_act = arch.embedding_params * p, _lm_head_bytes(arch, tokens, p, rank, fused=True)
     else:
         matmul = (arch.embedding_params * p, tokens * (arch.vocab + arch.hidden) * p)
-        after = (0, _lm_head_bytes(arch, tokens, p, zero.rank))
+        after = (0, _lm_head_bytes(arch, tokens, p, rank))
         head_gathered, head_act = max(matmul, after, key=sum)
     if layer_gathered * p + layer_act >= head_gathered + head_act:
         moment, gathered, act = "a decoder layer", layer_gathered * p, layer_act
@@ -196,10 +205,10 @@ def zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: Ba
     bases = _direction_bytes(arch, zero)
     direction_tier = "gpu" if zero.fused or zero.offload is Offload.NONE else "cpu"
     if bases:
-        items.append(Item(f"SubZero U, Vᵀ bases and μZVᵀ (fp32, r={zero.rank})", **{direction_tier: bases}))
+        items.append(Item(f"{_title(zero.method_spec)} U, Vᵀ bases and μZVᵀ (fp32, r={rank})", **{direction_tier: bases}))
     if zero.fused:
         # Entering the fused pass builds every served module's right factor C·Uᵀ (r × rows, fp32) at once.
-        factors = sum(count * min(zero.rank, *shape) * shape[0] * 4 for shape, count in arch.shapes() if len(shape) == 2)
+        factors = sum(count * min(rank, *shape) * shape[0] * 4 for shape, count in arch.shapes() if len(shape) == 2)
         items.append(Item("fused side-path factors C·Uᵀ (fp32)", gpu=factors))
     label, state = _method_state(arch, zero, world)
     if state:
@@ -208,30 +217,37 @@ def zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: Ba
     return [on_device(item, device) for item in items], moment
 
 
-# Chunks of z, √H·z, ĝ and Adam's step that HiZOO/S-MeZO/Adam make at a time (subzero_ds.methods).
-METHOD_CHUNK_ELEMENTS = 1 << 22
-
-
 def _method_state(arch: Architecture, zero: ZeroSettings, world: int) -> tuple[str, float]:
-    """(label, bytes per rank) of the method's state: fp32 and sharded like the parameters (on the
-    shards' device), except SubZero's matrices, whose momentum/Adam state is r×r per matrix."""
-    per_element = {"momentum": 1, "adam": 2}.get(zero.update, 0) + (1 if zero.method == "hizoo" else 0)
-    if not per_element:
+    """(label, bytes per rank) of the method's and the update rule's state, as their specs declare it.
+
+    Both are fp32 and sharded like the parameters (on the shards' device), except the update rule's
+    state of a subspace method's matrices, which is r×r per matrix; their working chunks are added.
+    """
+    method, update, rank = zero.method_spec, zero.update_spec, zero.subspace_rank
+    shard = shard_elements(arch, world)
+    state, chunks = shard * method.state_bytes_per_element, method.working_chunk_bytes
+    where, kinds = "sharded like the parameters", []
+    if method.state_bytes_per_element:
+        kinds.append(f"{_title(method)}'s {method.state_name or 'state'}")
+    if update is not None:  # None: the method brings its own update rule, whose state is the method's
+        chunks += update.working_chunk_bytes
+        if update.state_bytes_per_element:
+            kinds.append(update.state_name or f"{update.name} state")
+        if rank is not None and update.state_bytes_per_element:
+            full = sum(count * math.prod(shape) for shape, count in arch.shapes() if len(shape) != 2)
+            coordinates = sum(count * min(rank, *shape) ** 2 for shape, count in arch.shapes() if len(shape) == 2)
+            state += (math.ceil(full / world) + coordinates) * update.state_bytes_per_element
+            where = "r×r per matrix, full for biases and norms"
+        else:
+            state += shard * update.state_bytes_per_element
+    if not state + chunks:
         return "", 0.0
-    matrices = [(shape, count) for shape, count in arch.shapes() if len(shape) == 2]
-    if zero.method == "subzero":
-        full = sum(count * math.prod(shape) for shape, count in arch.shapes() if len(shape) != 2)
-        coordinates = sum(count * min(zero.rank, *shape) ** 2 for shape, count in matrices)
-        state = (math.ceil(full / world) + coordinates) * 4 * per_element
-        where = "r×r per matrix, full for biases and norms"
-    else:
-        state = shard_elements(arch, world) * 4 * per_element
-        where = "sharded like the parameters"
-    kinds = {"momentum": "momentum", "adam": "Adam m, v"}.get(zero.update, "")
-    if zero.method == "hizoo":
-        kinds = "HiZOO's Hessian H" + (f" + {kinds}" if kinds else "")
-    chunks = METHOD_CHUNK_ELEMENTS * 4 * 2 if zero.update == "adam" or zero.method == "hizoo" else 0
-    return f"method state: {kinds} (fp32, {where}) + working chunks", state + chunks
+    return f"method state: {' + '.join(kinds) or 'none'} (fp32, {where}) + working chunks", state + chunks
+
+
+def _title(method: MethodSpec) -> str:
+    """The method's name in prose ("SubZero"), as its spec gives it."""
+    return method.title or method.name
 
 
 def runtime_items(device: str, dtype_bytes: int) -> list[Item]:
