@@ -93,7 +93,8 @@ class Adam(UpdateRule):
 
 
 register_update(UpdateSpec(
-    name="adam", options=AdamOptions, state_bytes_per_element=8, working_chunk_bytes=CHUNK_ELEMENTS * 4 * 2,
+    name="adam", options=AdamOptions, state_bytes_per_element=8, state_name="Adam m, v",
+    working_chunk_bytes=CHUNK_ELEMENTS * 4 * 2,
     build=lambda direction, config: Adam(direction, config.weight_decay, tuple(config.update_options.betas),
                                          config.update_options.adam_eps),
 ))

@@ -97,6 +97,7 @@ class HessianUpdate(UpdateRule):
 
 register_method(MethodSpec(
     name="hizoo",
+    title="HiZOO",
     summary="Gaussian preconditioned by a diagonal Hessian estimate; probes ℓ0, ℓ+, ℓ− (HiZOO)",
     options=HiZOOOptions,
     direction=lambda options, seed, frozen_parameters: HessianDirection(seed),
@@ -106,5 +107,6 @@ register_method(MethodSpec(
     fusable=False,  # its direction reads H, which the fused pass's side paths do not see
     multi_query=False,
     state_bytes_per_element=4,
+    state_name="Hessian H",
     working_chunk_bytes=CHUNK_ELEMENTS * 4 * 2,
 ))

@@ -36,6 +36,7 @@ class GaussianDirection(Direction):
 
 register_method(MethodSpec(
     name="mezo",
+    title="MeZO",
     summary="i.i.d. N(0, 1) in every element (MeZO)",
     options=NoOptions,
     direction=lambda options, seed, frozen_parameters: GaussianDirection(seed),

@@ -64,6 +64,6 @@ class Momentum(UpdateRule):
 
 
 register_update(UpdateSpec(
-    name="momentum", options=MomentumOptions, state_bytes_per_element=4,
+    name="momentum", options=MomentumOptions, state_bytes_per_element=4, state_name="momentum",
     build=lambda direction, config: Momentum(direction, config.weight_decay, config.update_options.momentum),
 ))

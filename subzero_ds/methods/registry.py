@@ -46,11 +46,13 @@ class MethodSpec:
         fusable: whether the fused ± pass can serve it (its direction depends on position only).
         multi_query: whether it allows ``queries`` > 1.
         state_bytes_per_element: fp32 bytes of state the direction keeps per trainable element (HiZOO's H: 4).
+        state_name: what that state is, as the memory planner's report names it ("Hessian H").
         working_chunk_bytes: scratch its writes allocate per chunk (the planner adds it).
         subspace_rank: ``subspace_rank(options) -> r`` for methods whose matrix directions live in a
             rank-r subspace (update-rule state then is r×r per matrix, and the planner counts the bases).
         direction_settings: the options that define its directions: a resume must keep them.
         rules: cross-field checks ``rule(config) -> problem or None`` beyond the generic ones.
+        title: its name in prose and reports ("SubZero"); empty: ``name``.
     """
 
     name: str
@@ -63,10 +65,12 @@ class MethodSpec:
     fusable: bool = True
     multi_query: bool = True
     state_bytes_per_element: int = 0
+    state_name: str = ""
     working_chunk_bytes: int = 0
     subspace_rank: Callable[[Any], int] | None = None
     direction_settings: tuple[str, ...] = ()
     rules: tuple[Callable[[Any], str | None], ...] = field(default=())
+    title: str = ""
 
     def forwards_per_step(self, queries: int = 1) -> int:
         """Forward passes of one step over its batch (two per query; HiZOO's clean pass adds one)."""
@@ -82,6 +86,7 @@ class UpdateSpec:
         options: the pydantic model of its own keys.
         build: ``build(direction, config) -> UpdateRule``.
         state_bytes_per_element: fp32 bytes of state per trainable element (momentum 4, Adam 8).
+        state_name: what that state is, as the memory planner's report names it ("Adam m, v").
         working_chunk_bytes: scratch its writes allocate per chunk.
     """
 
@@ -89,6 +94,7 @@ class UpdateSpec:
     options: type[Options]
     build: Callable[[Direction, Any], UpdateRule]
     state_bytes_per_element: int = 0
+    state_name: str = ""
     working_chunk_bytes: int = 0
 
 

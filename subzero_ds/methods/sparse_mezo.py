@@ -108,6 +108,7 @@ def _count_at_most(shard, bits: int) -> float:
 
 register_method(MethodSpec(
     name="sparse_mezo",
+    title="S-MeZO",
     summary="the Gaussian direction on each parameter's small-magnitude weights only (S-MeZO)",
     options=SparseMeZOOptions,
     direction=lambda options, seed, frozen_parameters: SparseDirection(seed, options.sparsity, options.mask_interval),

@@ -282,6 +282,7 @@ def _state_on_refresh_needs_state(config) -> str | None:
 
 register_method(MethodSpec(
     name="subzero",
+    title="SubZero",
     summary="μ·U·Z·Vᵀ in a random rank-r subspace, redrawn every F steps (SubZero)",
     options=SubZeroOptions,
     direction=lambda options, seed, frozen_parameters: SubspaceDirection(

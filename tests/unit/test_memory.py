@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -20,6 +21,8 @@ from subzero_ds.memory import (
     ZeroSettings,
     estimate,
 )
+from subzero_ds.memory import zo_step
+from subzero_ds.methods import registry
 
 GiB = memory.GiB
 
@@ -98,11 +101,11 @@ def test_builtin_parameter_counts():
     assert counts["llama-2-70b"] == pytest.approx(68.98, abs=0.02)
 
 
-def test_chunk_constants_match_perturbation_and_loss():
+def test_chunk_constants_match_the_fused_pass_and_the_loss():
     from subzero_ds import fused, loss
 
-    assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
-    assert memory.SIDE_PATH_UPCAST_ELEMENTS == fused.side_paths.UPCAST_CHUNK_ELEMENTS
+    assert zo_step.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
+    assert zo_step.SIDE_PATH_UPCAST_ELEMENTS == fused.side_paths.UPCAST_CHUNK_ELEMENTS
 
 
 # --- accounting ---------------------------------------------------------------------------------
@@ -263,8 +266,9 @@ def test_method_state_is_sharded_like_the_parameters(section, per_element):
     cluster = memory.Cluster(nodes=1, gpus_per_node=8)
     result = memory.estimate("opt-13b", {"zero_optimization": {"stage": 3}, "subzero": section}, cluster)
     (state,) = [i for i in result.items if i.name.startswith("method state")]
-    shard_elements = memory._shard_elements(result.architecture, cluster.world)
-    chunks = memory.METHOD_CHUNK_ELEMENTS * 8 if section.get("update") == "adam" or section["method"] == "hizoo" else 0
+    shard_elements = zo_step.shard_elements(result.architecture, cluster.world)
+    # Adam's ĝ and step, HiZOO's z and √H·z: two fp32 chunks of 2**22 elements (methods/adam.py, methods/hizoo.py).
+    chunks = 2 * (1 << 22) * 4 if section.get("update") == "adam" or section["method"] == "hizoo" else 0
     assert state.gpu == shard_elements * per_element + chunks
 
 
@@ -274,4 +278,25 @@ def test_subzero_keeps_its_momentum_and_adam_state_in_subspace_coordinates():
     adam = memory.estimate("opt-13b", {"zero_optimization": {"stage": 3}, "subzero": {"update": "adam"}}, cluster)
     assert not [i for i in sgd.items if i.name.startswith("method state")]
     (state,) = [i for i in adam.items if i.name.startswith("method state")]
-    assert state.gpu < 0.01 * memory._shard_elements(adam.architecture, 8) * 8  # r×r, not m×n
+    assert state.gpu < 0.01 * zo_step.shard_elements(adam.architecture, 8) * 8  # r×r, not m×n
+
+
+@pytest.fixture
+def stateful_mezo():
+    """MeZO registered under another name with 4 bytes of state per trainable element; unregistered afterwards."""
+    spec = registry.register_method(
+        dataclasses.replace(registry.method("mezo"), name="test_stateful_mezo", title="", state_bytes_per_element=4)
+    )
+    yield spec
+    del registry._METHODS[spec.name]
+
+
+def test_the_planner_reads_the_method_state_from_the_registry(stateful_mezo):
+    cluster = Cluster(nodes=1, gpus_per_node=8)
+    config = lambda method: {"zero_optimization": {"stage": 3}, "subzero": {"method": method, "update": "momentum"}}
+    mezo = estimate("opt-13b", config("mezo"), cluster)
+    stateful = estimate("opt-13b", config(stateful_mezo.name), cluster)
+    added = 4 * zo_step.shard_elements(mezo.architecture, cluster.world)  # 4 bytes × this rank's trainable elements
+    assert item(stateful, "method state").gpu - item(mezo, "method state").gpu == added
+    assert stateful.total("gpu") - mezo.total("gpu") == added
+    assert item(stateful, "method state").name.startswith("method state: test_stateful_mezo's state + momentum")
