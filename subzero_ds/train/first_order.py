@@ -16,9 +16,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .config import SECTION, ConfigError
-from .distributed import mean_over_ranks
-from .engine import to_device
+from ..config import SECTION, ConfigError
+from ..distributed import mean_over_ranks
+from ..engine import to_device
 
 OPTIMIZER_TYPES = {"adamw": "AdamW", "sgd": "SGD"}
 
@@ -108,6 +108,6 @@ class FirstOrderEngine:
 
     def save_pretrained(self, path) -> None:
         """Full Hugging Face weights (gathered; rank 0 writes). Call on every rank."""
-        from .checkpoint.export import save_hf_weights
+        from ..checkpoint.export import save_hf_weights
 
         save_hf_weights(self.module, path)
