@@ -12,7 +12,7 @@ from subzero_ds.distributed import exit_process, is_local_main_process
 from subzero_ds.engine import NonFiniteLossError
 from subzero_ds.tasks import DataError
 
-from .args import UsageError, parse_args, validate_args
+from .args import UsageError, parse_args
 from .recipe import train
 
 # Mistakes a user fixes by changing an argument, a config or a file: reported in one paragraph, exit code 2.
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     Every rank runs this; the first rank of each node prints the message (ranks on a node read the
     same files, so the others would only repeat it).
     """
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
-        validate_args(args)
+        args = parse_args(argv)
+        args.validate()
     except USER_ERRORS as e:
         _report(e)
         sys.exit(2)  # no process group, model or output exists yet: a plain exit

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 
 from subzero_ds.seeds import stable_seed
-from subzero_ds.tasks import DataError, Sample, load_samples
+from subzero_ds.tasks import DataError, Sample, Task, load_samples
+
+from .args import DataArgs
 
 
-def load_data(args: argparse.Namespace, task) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(train, dev, eval) samples; dev is held out of train."""
-    train = load_samples(task, "train", data_dir=args.data_dir, file=args.train_file,
-                         limit=(args.num_train + args.num_dev) or None, seed=args.seed)
-    dev, train = train[: args.num_dev], train[args.num_dev :]
-    eval_file = args.test_file or args.validation_file
-    evaluation = load_samples(task, "test" if args.test_file else "validation", data_dir=args.data_dir,
-                              file=eval_file, limit=args.num_eval or None, seed=args.seed)
+def load_data(data: DataArgs, task: Task) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train, dev, eval) samples; dev is held out of train.
+
+    Raises:
+        DataError: a file or row the task cannot read, or no training example left after --num_dev.
+    """
+    train = load_samples(task, "train", data_dir=data.data_dir, file=data.train_file,
+                         limit=(data.num_train + data.num_dev) or None, seed=data.seed)
+    dev, train = train[: data.num_dev], train[data.num_dev :]
+    evaluation = load_samples(task, data.eval_split, data_dir=data.data_dir,
+                              file=data.test_file or data.validation_file, limit=data.num_eval or None, seed=data.seed)
     if not train:
-        raise DataError(f"no training examples left for task {task.name!r} after holding out --num_dev {args.num_dev}")
+        raise DataError(f"no training examples left for task {task.name!r} after holding out --num_dev {data.num_dev}")
     return train, dev, evaluation
 
 

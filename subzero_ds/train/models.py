@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from subzero_ds.adapters import is_peft_model, save_adapter
 from subzero_ds.distributed import barrier, is_main_process
 
+from . import pretrained
+from .flags import UsageError
+
 MASKED_LM_TYPES = {"roberta", "bert", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "camembert"}
+# Model types whose learned position table ends at max_position_embeddings (minus RoBERTa's padding offset).
+_LEARNED_POSITIONS = {"opt": 0, "gpt2": 0, "bert": 0, "distilbert": 0, "electra": 0, "roberta": 2, "xlm-roberta": 2,
+                      "camembert": 2}
 
 
 def resolve_model_path(name: str) -> str:
     """A local directory for the named built-in model (made once, by rank 0), or ``name`` itself."""
-    from . import pretrained
-
     if name != pretrained.SMOLLM2:
         return name
     if is_main_process():
@@ -25,6 +32,7 @@ def resolve_model_path(name: str) -> str:
 
 
 def is_masked_lm(path: str, model_type: str) -> bool:
+    """Whether the model at ``path`` is a masked LM; ``model_type`` "auto" reads its config, else it says."""
     if model_type != "auto":
         return model_type == "masked"
     from transformers import AutoConfig
@@ -35,7 +43,7 @@ def is_masked_lm(path: str, model_type: str) -> bool:
     return config.model_type in MASKED_LM_TYPES and not getattr(config, "is_decoder", False)
 
 
-def load_model(path: str, masked_lm: bool, dtype: torch.dtype):
+def load_model(path: str, masked_lm: bool, dtype: torch.dtype) -> nn.Module:
     """``from_pretrained`` in ``dtype``; under ZeRO-3 (an ``HfDeepSpeedConfig`` alive) partitioned while it loads."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -49,3 +57,50 @@ def save_model(engine, path: Path) -> None:
         save_adapter(engine.module, path)
     else:
         engine.save_pretrained(path)
+
+
+def check_model_directory(flag: str, name: str, needs_config: bool) -> dict[str, Any] | None:
+    """A local model/tokenizer directory must exist (a hub id is left to ``from_pretrained``); its config.json.
+
+    Raises:
+        UsageError: ``name`` looks local but does not exist, is a file, or lacks a readable config.json.
+    """
+    if name == pretrained.SMOLLM2:
+        return None
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if not path.exists():
+        if looks_local:
+            raise UsageError(f"{flag} {name} does not exist: pass a local model directory (written by "
+                             "save_pretrained) or a Hugging Face hub id such as facebook/opt-125m")
+        return None
+    if not path.is_dir():
+        raise UsageError(f"{flag} {name} is a file: pass the directory that holds it (written by save_pretrained)")
+    config_file = path / "config.json"
+    if not needs_config:
+        return None
+    if not config_file.is_file():
+        raise UsageError(f"{flag} {name} has no config.json, so it is not a Hugging Face model directory: pass "
+                         "the directory written by save_pretrained")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{config_file} is not a readable JSON file ({error}): restore the model's "
+                         "config.json") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_file} must hold a JSON object: restore the model's config.json")
+    return config
+
+
+def check_position_limit(config: dict[str, Any] | None, max_length: int, model: str) -> None:
+    """--max_length must fit a learned position table (a longer sequence fails deep inside the model)."""
+    if config is None or config.get("model_type") not in _LEARNED_POSITIONS:
+        return
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if not isinstance(positions, int):
+        return
+    limit = positions - _LEARNED_POSITIONS[config["model_type"]]
+    if max_length > limit:
+        raise UsageError(f"--max_length {max_length} is longer than the {limit} positions {model} "
+                         f"({config['model_type']}) has: pass --max_length {limit} or less")
+
