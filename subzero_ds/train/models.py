@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from subzero_ds.adapters import is_peft_model, save_adapter
+from subzero_ds.checkpoint.export import save_hf_weights
+from subzero_ds.config import deepspeed_section
 from subzero_ds.distributed import barrier, is_main_process
 
 from . import pretrained
@@ -51,12 +54,12 @@ def load_model(path: str, masked_lm: bool, dtype: torch.dtype) -> nn.Module:
     return model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
 
 
-def save_model(engine, path: Path) -> None:
-    """Full Hugging Face weights, or just the adapter in PEFT's format."""
-    if is_peft_model(engine.module):
-        save_adapter(engine.module, path)
+def save_model(module: nn.Module, path: Path) -> None:
+    """Full Hugging Face weights (gathered; rank 0 writes), or just the adapter in PEFT's format. Call on every rank."""
+    if is_peft_model(module):
+        save_adapter(module, path)
     else:
-        engine.save_pretrained(path)
+        save_hf_weights(module, path)
 
 
 def check_model_directory(flag: str, name: str, needs_config: bool) -> dict[str, Any] | None:
@@ -104,3 +107,23 @@ def check_position_limit(config: dict[str, Any] | None, max_length: int, model: 
         raise UsageError(f"--max_length {max_length} is longer than the {limit} positions {model} "
                          f"({config['model_type']}) has: pass --max_length {limit} or less")
 
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: Mapping[str, Any], stage: int, per_device_batch_size: int | None) -> Iterator[None]:
+    """Within (ZeRO-3 only): transformers and peft partition the weights as they load, and gather the
+    partitioned weights they read (prompt tuning's init). Leave it once the engine is built, so that
+    rank-0-only work later (merging the adapter on CPU) does not start collectives.
+    """
+    if stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    section = deepspeed_section(ds_config)
+    if "train_batch_size" not in section:  # DeepSpeed's config parser insists on a batch size
+        section.setdefault("train_micro_batch_size_per_gpu", per_device_batch_size or 1)
+    hf_zero3 = HfDeepSpeedConfig(section)  # transformers holds it weakly: alive as long as this reference
+    try:
+        yield
+    finally:
+        del hf_zero3
