@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import subzero_ds
-from subzero_ds import pretrained
+from subzero_ds.train import pretrained
 from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, candidate_scores, classification_loss
 from subzero_ds.tasks import get_task, load_samples
 from subzero_ds.train import TaskBatches

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from subzero_ds.tasks.encoding import SampleEncoder
 from subzero_ds.integrations import ZOTrainer
-from subzero_ds.pretrained import SMOLLM2, materialize_smollm2
+from subzero_ds.train.pretrained import SMOLLM2, materialize_smollm2
 from subzero_ds.tasks import get_task, load_samples
 
 parser = argparse.ArgumentParser()

@@ -7,7 +7,7 @@ checkpoint values in), and once the load returns. The peak of that sum is the mo
 bytes that were whole on this rank at once.
 
 The load measured is the one ``subzero_ds.train.train`` makes, in its own order (its
-``HfDeepSpeedConfig`` alive around ``load_model``): ``load_model`` is wrapped, and the run stops
+``HfDeepSpeedConfig`` alive around ``models.load_model``): ``load_model`` is wrapped, and the run stops
 right after it. As a control showing that the measurement can fail, the model is then loaded with
 ``load_model`` alone, without an ``HfDeepSpeedConfig``. Each rank writes ``<out>/rank-<k>.json``.
 """
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from subzero_ds import distributed, train
+from subzero_ds.train import models
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
              "subzero": {"lr": 1e-4, "rank": 4}}
@@ -89,7 +90,7 @@ class _Loaded(Exception):
 
 def measure_train_load(argv: list[str]) -> dict:
     """What ``train.train`` holds per rank while its ``load_model`` runs."""
-    real_load_model = train.load_model
+    real_load_model = models.load_model  # the recipe calls it through its module: wrap it there
     measured = {}
 
     def measured_load_model(*args, **kwargs):
@@ -99,13 +100,13 @@ def measure_train_load(argv: list[str]) -> dict:
         measured.update(summary(model, peak[0]))
         raise _Loaded
 
-    train.load_model = measured_load_model
+    models.load_model = measured_load_model
     try:
         train.train(train.parse_args(argv))
     except _Loaded:
         pass
     finally:
-        train.load_model = real_load_model
+        models.load_model = real_load_model
     assert measured, "train.train never called load_model"
     return measured
 
@@ -113,7 +114,7 @@ def measure_train_load(argv: list[str]) -> dict:
 def measure_without_hf_config(model_path: str) -> dict:
     peak = [0]
     with parameter_bytes_tracker(peak):
-        model = train.load_model(model_path, masked_lm=False, dtype=torch.float32)
+        model = models.load_model(model_path, masked_lm=False, dtype=torch.float32)
     return summary(model, peak[0])
 
 

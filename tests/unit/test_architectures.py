@@ -71,4 +71,4 @@ def model_configs(tmp_path_factory):
 ])
 def test_model_type_overrides_the_detection(model_configs, model, flag, masked):
     args = parse_args(["--model_type", flag, "--model_name_or_path", str(model_configs / model)])
-    assert is_masked_lm(args.model_name_or_path, args.model_type) is masked
+    assert is_masked_lm(args.model.model_name_or_path, args.model.model_type) is masked

@@ -294,9 +294,9 @@ def with_flag(argv, flag, value):
 
 
 def test_the_base_arguments_pass_validation(files, tmp_path):
-    from subzero_ds.train import parse_args, validate_args
+    from subzero_ds.train import parse_args
 
-    validate_args(parse_args(base_argv(files, tmp_path / "out")))  # so every rejection below is the flag's
+    parse_args(base_argv(files, tmp_path / "out")).validate()  # so every rejection below is the flag's
 
 
 INT_FLAGS = {"--max_steps": 1, "--per_device_batch_size": 1, "--eval_batch_size": 1, "--log_steps": 1,

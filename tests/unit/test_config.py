@@ -127,7 +127,7 @@ def test_every_shipped_config_is_valid(path):
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs" / "first_order").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_first_order_config_builds_a_deepspeed_optimizer(path):
     from subzero_ds.config import check_deepspeed_accepts
-    from subzero_ds.first_order import first_order_config
+    from subzero_ds.train.first_order import first_order_config
 
     ds_config = load_ds_config(path)
     check_deepspeed_accepts(ds_config, str(path))

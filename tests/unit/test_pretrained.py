@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from subzero_ds import pretrained
-from subzero_ds.pretrained import (
+from subzero_ds.train import pretrained
+from subzero_ds.train.pretrained import (
     COMPLETE_MARKER,
     SMOLLM2,
     SMOLLM2_DIR_NAME,

@@ -10,27 +10,21 @@ gradient accumulation and optimizer step are DeepSpeed's. The optimizer comes fr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import os
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .config import SECTION, ConfigError
-from .distributed import mean_over_ranks
-from .engine import to_device
+from subzero_ds.checkpoint.sharded import CheckpointError
+from subzero_ds.config import SECTION, ConfigError
+from subzero_ds.distributed import mean_over_ranks
+from subzero_ds.engine import to_device
+
+from .models import save_model
 
 OPTIMIZER_TYPES = {"adamw": "AdamW", "sgd": "SGD"}
-
-
-@dataclass(frozen=True)
-class FirstOrderResult:
-    """What one micro-batch of a first-order step measured (``loss`` averaged over ranks at a step's end)."""
-
-    step: int
-    loss: float
-    lr: float
-    updated: bool = True
 
 
 def first_order_config(ds_config: Mapping[str, Any], optimizer: str, lr: float, weight_decay: float) -> dict[str, Any]:
@@ -60,21 +54,25 @@ def first_order_config(ds_config: Mapping[str, Any], optimizer: str, lr: float, 
 
 
 class FirstOrderEngine:
-    """DeepSpeed training of ``model`` with a first-order optimizer, stepping like a SubZeroEngine.
+    """DeepSpeed training of ``model`` with a first-order optimizer: a TrainingEngine (``engines.py``).
 
     Args:
         model: the model (partitioned at load time under ZeRO-3).
         ds_config: the config from :func:`first_order_config`.
         loss_fn: ``loss_fn(model, batch) -> Tensor`` (the ZO run's loss).
+        optimizer: "adamw" or "sgd" (--optimizer), for the outputs.
     """
 
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor]
-                 ) -> None:
+    forwards_per_micro_batch = 1  # and its backward
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                 optimizer: str) -> None:
         import deepspeed
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         self.loss_fn = loss_fn
+        self.description = f"first-order ({optimizer})"
         self.accumulation_steps = int(self.ds_engine.gradient_accumulation_steps())
         self.global_step = 0
         self._micro_batch, self._loss_sum = 0, 0.0
@@ -89,8 +87,17 @@ class FirstOrderEngine:
         """This rank's device."""
         return torch.device(self.ds_engine.device)
 
-    def step(self, batch: Any) -> FirstOrderResult:
-        """Forward, backward and (at the step's last micro-batch) DeepSpeed's optimizer step."""
+    @property
+    def monitor(self) -> Any:
+        """DeepSpeed's monitor (TensorBoard/CSV/W&B)."""
+        return self.ds_engine.monitor
+
+    def step(self, batch: Any) -> dict[str, Any]:
+        """Forward, backward and (at the step's last micro-batch) DeepSpeed's optimizer step.
+
+        Returns:
+            The metrics row: ``loss`` (at a step's end: averaged over micro-batches and ranks) and ``lr``.
+        """
         self.module.eval()  # dropout off, as in the ZO runs: the same function is optimized
         loss = self.loss_fn(self.module, to_device(batch, self.device))
         self.ds_engine.backward(loss)
@@ -99,15 +106,20 @@ class FirstOrderEngine:
         self._micro_batch += 1
         lr = float(self.ds_engine.get_lr()[0])
         if self._micro_batch < self.accumulation_steps:
-            return FirstOrderResult(self.global_step, float(loss.detach().float()), lr, updated=False)
+            return {"loss": float(loss.detach().float()), "lr": lr}
         (mean,) = mean_over_ranks(self._loss_sum / self.accumulation_steps)
         self._micro_batch, self._loss_sum = 0, 0.0
-        result = FirstOrderResult(self.global_step, mean, lr)
         self.global_step += 1
-        return result
+        return {"loss": mean, "lr": lr}
 
-    def save_pretrained(self, path) -> None:
-        """Full Hugging Face weights (gathered; rank 0 writes). Call on every rank."""
-        from .checkpoint.export import save_hf_weights
+    def save_checkpoint(self, root: Path, extra: Mapping[str, Any], keep_last: int) -> Path:
+        """Not supported: a first-order baseline runs from start to end (``--save_steps`` is refused)."""
+        raise CheckpointError("--save_steps checkpoints ZO runs; a first-order baseline runs from start to end")
 
-        save_hf_weights(self.module, path)
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Not supported: a first-order baseline runs from start to end (``--resume`` is refused)."""
+        raise CheckpointError("--resume continues ZO runs; a first-order baseline runs from start to end")
+
+    def save_model(self, path: Path) -> None:
+        """Full Hugging Face weights (gathered; rank 0 writes), or the peft adapter. Call on every rank."""
+        save_model(self.module, path)

@@ -1,0 +1,53 @@
+"""``python -m subzero_ds.train``: validate everything, train, exit 0; a user error exits 2 with one message."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from subzero_ds.checkpoint.sharded import CheckpointError
+from subzero_ds.config import ConfigError
+from subzero_ds.distributed import exit_process, is_local_main_process
+from subzero_ds.engine import NonFiniteLossError
+from subzero_ds.tasks import DataError
+
+from .args import UsageError, parse_args
+from .recipe import train
+
+# Mistakes a user fixes by changing an argument, a config or a file: reported in one paragraph, exit code 2.
+USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line: validate everything, train, exit 0; a user error exits 2 with one message, no traceback.
+
+    Every rank runs this; the first rank of each node prints the message (ranks on a node read the
+    same files, so the others would only repeat it).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        args = parse_args(argv)
+        args.validate()
+    except USER_ERRORS as e:
+        _report(e)
+        sys.exit(2)  # no process group, model or output exists yet: a plain exit
+    try:
+        train(args)
+    except USER_ERRORS as e:
+        _report(e)
+        exit_process(2)
+    exit_process(0)
+
+
+def _report(error: Exception) -> None:
+    if is_local_main_process():
+        print(f"subzero-train: error: {error}", file=sys.stderr, flush=True)
+    else:
+        # The deepspeed launcher kills every rank as soon as one exits non-zero: give the reporting
+        # rank time to print before this one's exit gets it killed.
+        time.sleep(3)
+
+
+if __name__ == "__main__":
+    main()
