@@ -32,15 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import step_cost
 import torch
 import torch.distributed as dist
-from step_cost import (  # bench/ is the script's directory
-    broadcast,
-    exit_cleanly,
-    peak_rss_mib,
-    random_batch,
-)
+from harness.models import random_batch
+from harness.workers import broadcast, exit_cleanly, peak_rss_mib, run_or_exit, show_progress
 from transformers import OPTConfig, OPTForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -269,13 +264,13 @@ def run_launched(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    step_cost.show_progress()
+    show_progress()
     if args.worker:
         run_worker(args)
     if args.rerender:
         rerender(args)
         return
-    step_cost.run_or_exit(lambda: run_launched(args))
+    run_or_exit(lambda: run_launched(args))
     exit_cleanly(0)
 
 

@@ -5,7 +5,7 @@ Run from the repository root:
     deepspeed --num_gpus 2 bench/memory_vs_first_order.py
 
 Same model, batch and precision for every row; each configuration runs in a fresh pair of worker
-processes (``bench/step_cost.py``'s workers), so its peak RSS covers only its own life: imports,
+processes (the workers of ``bench/harness/steps.py``), so its peak RSS covers only its own life: imports,
 model creation (partitioned by ZeRO-3 at construction), engine initialization, one warm-up step
 and the measured step(s). Every figure is counted above the RSS the same process had right
 after its imports (Python, torch, transformers and DeepSpeed cost the same in every row).
@@ -17,7 +17,7 @@ after its imports (Python, torch, transformers and DeepSpeed cost the same in ev
   (ZeRO-3 reduce-scatters the gradients into fp32 partitions) and ``step``. Dropout is off in
   every row (eval mode), so the only difference is what the step keeps.
 
-Options are ``bench/step_cost.py``'s, with other defaults: ``--model opt``, ``--dtype fp32 bf16``,
+Options are ``bench/step_cost.py``'s (``bench/harness/steps.py``), with other defaults: ``--model opt``, ``--dtype fp32 bf16``,
 ``--method subzero first-order``, ``--mode in-place fused``, ``--batch-size 16``, ``--steps 1``,
 ``--warmup 1``, the plain-forward timing skipped; ``--output bench/results/memory_vs_first_order.md``.
 Target of the issue: ZO ≤ 0.35× first-order.
@@ -29,17 +29,10 @@ import argparse
 import os
 from pathlib import Path
 
-import step_cost
 import torch.distributed as dist
-from step_cost import (
-    FIRST_ORDER,
-    Row,
-    command_line,
-    exit_cleanly,
-    models_note,
-    per_rank,
-    run_all,
-)
+from harness.report import command_line, per_rank, publish
+from harness.steps import FIRST_ORDER, Row, method_label, models_note, parse_args as parse_step_args, run_all
+from harness.workers import exit_cleanly, run_or_exit, show_progress, wall_seconds
 
 from subzero_ds.distributed import init_distributed
 
@@ -48,7 +41,7 @@ TARGET = 0.35
 
 def parse_args() -> argparse.Namespace:
     """``bench/step_cost.py``'s options with this benchmark's defaults."""
-    return step_cost.parse_args(
+    return parse_step_args(
         description=__doc__.split("\n\n")[0], model=["opt"], method=["subzero", FIRST_ORDER], batch_size=16,
         steps=1, warmup=1, no_forwards=True, output=Path("bench/results/memory_vs_first_order.md"),
     )  # fmt: skip
@@ -87,7 +80,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
         ratio = r.max_above_imports_mib / reference.max_above_imports_mib if reference else float("nan")
         built = [b - a for b, a in zip(r.built_peak_rss_mib, r.rss_after_imports_mib)]
         lines.append(
-            f"| {c.model} | {c.dtype} | {step_cost.method_label(c)} | {c.mode or '—'} | {r.step_s:.2f} "
+            f"| {c.model} | {c.dtype} | {method_label(c)} | {c.mode or '—'} | {r.step_s:.2f} "
             f"| {per_rank(r.peak_rss_mib)} | {per_rank(r.above_imports_mib)} | {per_rank(built)} | **{ratio:.3f}** |"
         )
         if c.method != FIRST_ORDER and reference:
@@ -109,12 +102,12 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
 def main() -> None:
     """Run every configuration in fresh workers; rank 0 prints the report and writes it."""
     args = parse_args()
-    step_cost.show_progress()
+    show_progress()
     init_distributed()
-    rows = step_cost.run_or_exit(lambda: run_all(args))
+    rows = run_or_exit(lambda: run_all(args))
     if dist.get_rank() == 0:
-        report = markdown_report(rows, args, dist.get_world_size(), step_cost.wall_seconds())
-        step_cost.publish(report, args.output, "memory_vs_first_order")
+        report = markdown_report(rows, args, dist.get_world_size(), wall_seconds())
+        publish(report, args.output, "memory_vs_first_order")
     exit_cleanly(0)
 
 

@@ -1,0 +1,12 @@
+"""What the benchmarks in bench/ share; each script there measures one claim and reports it.
+
+- ``models``: the model shapes the benchmarks build with random weights, and random token batches;
+- ``steps``: one (model, dtype, method, mode) configuration measured in fresh worker processes;
+- ``workers``: starting a fresh worker per rank and collecting every rank's result;
+- ``collectives``: counting the bytes collectives move (tests/distributed/test_gather_count.py uses it too);
+- ``load``: the load guard (how much of the CPU other processes used while we measured);
+- ``report``: Markdown helpers, and publishing a report.
+
+Scripts in bench/ import it as ``harness`` (their own directory is on ``sys.path``); the tests find
+it through the path tests/conftest.py adds.
+"""
