@@ -22,8 +22,9 @@ ZeRO-3 as the model is created (never whole on a rank), SDPA attention, no KV ca
   ± side paths, the all-reduce, the update. ``first-order``: plain DeepSpeed ZeRO-3 with AdamW
   (forward, ``backward``, ``step``), the baseline of bench/memory_vs_first_order.py and
   bench/scaling.py;
-- **2×forward s**: the median time of two plain ``engine.module(**batch)`` calls under
-  ``torch.no_grad()`` on the same engine, model and batch: the floor for any two-point ZO method;
+- **2×forward s**: the median time of two plain forwards of the step's loss (the engine's default LM
+  loss, scored inside the LM head) under ``torch.no_grad()`` on the same engine, model and batch:
+  the floor for any two-point ZO method;
 - **ratio**: step / 2×forward (targets for SubZero: in-place ≤ 1.15, fused ≤ 1.0);
 - **all-gathered bytes** per step (and per forward pair), counted by wrapping the collectives of
   DeepSpeed's communication backend and of ``torch.distributed`` in the worker while the step
@@ -36,8 +37,9 @@ ones), so drift hits both alike. Each timing starts after a barrier; an iteratio
 the slower of the two ranks. The benchmark watches the host's CPU: an iteration during which
 other processes used more than ``--max-other-load`` (10%) of it is measured again (at most
 ``--max-repeats`` times), and the table reports the worst remaining load, so a run disturbed by
-other work says so. A second table splits the step into its phases (rank 0) and times one pass
-of direction generation alone over this rank's shards (no write).
+other work says so. A second table splits the step into the phases the engine names
+(``subzero_ds.phases``, rank 0) and times one pass of direction generation alone over this
+rank's shards (no write).
 
 Every configuration runs in a fresh pair of worker processes (one per rank, started by the
 launched processes), so its peak RSS covers only its own life: imports, model creation, engine
@@ -200,12 +202,13 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
                      f"| {r.direction_s:.3f} |")
     lines += [
         "",
-        "'forward ×2' are the loss forwards inside the step (in fused mode: the one forward over the doubled "
-        "batch [B; B], with its side paths); 'backup copy', 'perturb ×2' (in-place mode only) and 'update' each "
-        "regenerate the direction and write the shard; 'cache release' is `empty_partition_cache` (called after "
-        "each write); 'other' is the rest of rank 0's step, mostly the loss all-reduce, which waits for the slower "
-        "rank. 'Direction generation, one pass' times generating this rank's slice of D_t alone, once, without "
-        "writing it.",
+        "The phases are the engine's own (`subzero_ds.phases`, also `subzero::<name>` ranges in a torch profiler "
+        "trace), summed over the step: 'forward' are the probes' loss forwards (in fused mode: one forward over the "
+        "doubled batch [B; B] per query, with its side paths); 'backup' (in place) copies θ; 'perturb', 'restore' "
+        "(in place) and 'update' each regenerate the direction and write the shard; 'cache release' drops ZeRO-3's "
+        "stale gathered copies, inside the write that left them (already counted in that write); 'all-reduce' is "
+        "the one all-reduce of the losses, which waits for the slower rank; 'other' is the rest of rank 0's step. "
+        "'Direction generation, one pass' times generating this rank's slice of D_t alone, once, without writing it.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import glob
 import json
 import os
@@ -23,8 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,16 +32,18 @@ import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 import subzero_ds
+import subzero_ds.phases
 from subzero_ds.adapters import Tuning, add_adapter
 from subzero_ds.config.subzero import drop_other_methods_keys
 from subzero_ds.distributed import free_port, get_world_size_and_rank, init_distributed, log
+from subzero_ds.loss import forward_loss, model_loss
 from subzero_ds.methods.sparse_mezo import SparseDirection
 
 from .collectives import CollectiveCounter
 from .load import CpuUsage, other_load
 from .models import DTYPES, MODELS, Batch, random_batch
 from .report import write_json
-from .workers import broadcast, exit_cleanly, peak_rss_mib, show_progress, synchronize, timed
+from .workers import broadcast, exit_cleanly, peak_rss_mib, show_progress, timed
 
 RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
 BENCH = Path(__file__).resolve().parents[1]  # bench/: the workers import this package from there
@@ -64,8 +63,11 @@ MODES = ("in-place", "fused")
 # Lowered from the intended 16 rows: with 16 the benchmark takes ~10 min on 2 CPU cores, ~4.5 with 8.
 DEFAULT_BATCH_SIZE = 8
 
-# The step's timed phases, in the order the breakdown table lists them; "other" is the rest.
-PHASES = ("forward ×2", "backup copy", "perturb ×2", "update", "cache release")
+# The step's named phases (subzero_ds.phases), in the order the breakdown table lists them; "other" is the
+# rest of the step. A phase recorded inside another is not subtracted again: ZeRO-3's cache release
+# happens inside the write (perturb, restore, update) that left a gathered copy stale (writer.py).
+PHASES = subzero_ds.phases.PHASES
+NESTED_PHASES = ("cache release",)
 BREAKDOWN = (*PHASES, "other")
 
 @dataclass(frozen=True)
@@ -167,35 +169,6 @@ class WorkerResult:
     repeated: int = 0
 
 
-
-class PhaseTimer:
-    """Accumulates wall time per named phase of the calls it wraps."""
-
-    def __init__(self) -> None:
-        self._totals: dict[str, float] = defaultdict(float)
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` with its wall time added to phase ``name`` on every call."""
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            synchronize()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                synchronize()
-                self._totals[name] += time.perf_counter() - start
-
-        return wrapper
-
-    def take(self) -> dict[str, float]:
-        """The totals since the last call, then reset."""
-        totals = {name: self._totals.get(name, 0.0) for name in PHASES}
-        self._totals.clear()
-        return totals
-
-
 def ds_config(configuration: Configuration, batch_size: int, subspace_rank: int) -> dict[str, Any]:
     """The DeepSpeed config: ZeRO-3 with a ``"subzero"`` section, or with AdamW for the first-order baseline.
 
@@ -247,38 +220,27 @@ def first_order_step(engine: Any, batch: Batch) -> float:
     return float(loss.detach().float())
 
 
-def build_engine(args: argparse.Namespace, configuration: Configuration, timer: PhaseTimer) -> subzero_ds.SubZeroEngine:
+def build_engine(args: argparse.Namespace, configuration: Configuration) -> subzero_ds.SubZeroEngine:
     """Create the model partitioned by ZeRO-3 at construction and wrap it in a SubZeroEngine.
 
-    The forward passes inside ``engine.step`` and the optimizer's and DeepSpeed's public
-    methods the step calls are wrapped by ``timer``, so the step can be split into phases.
+    The engine keeps its default loss (the LM loss, scored inside the LM head: the logits never
+    exist whole); its step names its phases itself (:mod:`subzero_ds.phases`).
     """
     config = ds_config(configuration, args.batch_size, args.subspace_rank)
     model = build_model(configuration, config, args.tuning)
-
-    def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return model(**batch).loss
-
-    engine = subzero_ds.initialize(model=model, config=config, loss_fn=timer.wrap("forward ×2", loss_fn))
-    optimizer = engine.optimizer
-    optimizer.save_ = timer.wrap("backup copy", optimizer.save_)
-    optimizer.perturb_ = timer.wrap("perturb ×2", optimizer.perturb_)
-    optimizer.update_ = timer.wrap("update", optimizer.update_)
-    zero = engine.ds_engine.optimizer
-    zero.empty_partition_cache = timer.wrap("cache release", zero.empty_partition_cache)
-    return engine
+    return subzero_ds.initialize(model=model, config=config)
 
 
 def two_forwards(model: torch.nn.Module, batch: Batch) -> None:
-    """The limit of a two-point ZO step: two plain forward passes, no perturbation, no update."""
-    with torch.no_grad():
-        for _ in range(2):
-            float(model(**batch).loss)
+    """The limit of a two-point ZO step: two plain forward passes of the loss a ZO step computes (the
+    engine's default, :func:`subzero_ds.loss.model_loss`), no perturbation, no update."""
+    for _ in range(2):
+        forward_loss(model_loss, model, batch)
 
 
 def direction_pass(engine: subzero_ds.SubZeroEngine) -> None:
     """Generate this rank's slice of the current direction once, for every shard (into a scratch buffer)."""
-    direction, step = engine.optimizer.direction, engine.global_step
+    direction, step = engine.method.direction, engine.global_step
     reads_theta = isinstance(direction, SparseDirection)  # S-MeZO's mask is a function of θ: it must read it
     for shard in engine.shards:
         scratch = torch.empty(shard.local_numel, dtype=torch.float32, device=shard.device)
@@ -290,20 +252,25 @@ def direction_pass(engine: subzero_ds.SubZeroEngine) -> None:
 
 
 def measure(
-    engine: Any, batch: Batch, args: argparse.Namespace, timer: PhaseTimer, counter: CollectiveCounter,
-    result: WorkerResult, first_order: bool,
+    engine: Any, batch: Batch, args: argparse.Namespace, counter: CollectiveCounter, result: WorkerResult,
+    first_order: bool,
 ) -> None:
     """Warm up, then alternate steps and plain forward pairs, recording every timing.
 
     An iteration during which other processes used more than ``--max-other-load`` of the host's
     CPU is measured again (at most ``--max-repeats`` times in all); every rank takes the same
     decision, since the load is agreed on collectively. The bytes the collectives move are
-    counted during the step and during the forward pair.
+    counted during the step and during the forward pair, and the step's phases are the engine's
+    own (:func:`subzero_ds.phases.recorded`).
     """
     bytes_of: dict[Callable[[], None], tuple[int, int]] = {}
+    phase_s: dict[str, float] = {}
 
     def step() -> None:
-        result.losses.append(first_order_step(engine, batch) if first_order else engine.step(batch).loss)
+        with subzero_ds.phases.recorded() as recorded:
+            result.losses.append(first_order_step(engine, batch) if first_order else engine.step(batch).loss)
+        phase_s.clear()
+        phase_s.update(recorded)
 
     def forwards() -> None:
         two_forwards(engine.module, batch)
@@ -323,11 +290,10 @@ def measure(
     iteration = 0
     while len(result.step_s) < args.steps:
         usage_start = CpuUsage.now()
-        timer.take()
         order = (step,) if args.no_forwards else (step, forwards) if iteration % 2 == 0 else (forwards, step)
         seconds = {fn: timed(counted(fn)) for fn in order}
-        phases = timer.take()
-        phases["other"] = seconds[step] - sum(phases.values())
+        phases = {name: phase_s.get(name, 0.0) for name in PHASES}
+        phases["other"] = seconds[step] - sum(t for name, t in phases.items() if name not in NESTED_PHASES)
         load = other_load(CpuUsage.since(usage_start))
         iteration += 1
         if iteration <= args.warmup:
@@ -355,8 +321,7 @@ def run_worker(args: argparse.Namespace) -> None:
     _, rank = get_world_size_and_rank()
     counter = CollectiveCounter()
     counter.install()
-    timer = PhaseTimer()
-    engine = build_first_order(args, configuration) if first_order else build_engine(args, configuration, timer)
+    engine = build_first_order(args, configuration) if first_order else build_engine(args, configuration)
     params = list(engine.module.parameters())
     # The model's own weights must be in the asked dtype; peft's LoRA factors, created after
     # ZeRO-3's construction-time partitioning, stay fp32 (DeepSpeed does not recast them).
@@ -368,7 +333,7 @@ def run_worker(args: argparse.Namespace) -> None:
     )
     batch = random_batch(args.batch_size, args.seq_len, engine.module.config.vocab_size, seed=rank)
     batch = {k: v.to(engine.device) for k, v in batch.items()}  # on the GPU once, as a data loader would put it
-    measure(engine, batch, args, timer, counter, result, first_order)
+    measure(engine, batch, args, counter, result, first_order)
     result.peak_rss_mib = peak_rss_mib()
     result.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     args.result.write_text(json.dumps(asdict(result)))
