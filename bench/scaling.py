@@ -35,9 +35,14 @@ from harness.workers import exit_cleanly, run_or_exit, show_progress, wall_secon
 
 from subzero_ds.distributed import init_distributed, log
 
-SERIES = {("subzero", "fused"): "ZO fused (SubZero)", ("subzero", "in-place"): "ZO in-place (SubZero)",
-          ("mezo", "fused"): "ZO fused (MeZO)", ("mezo", "in-place"): "ZO in-place (MeZO)",
-          (FIRST_ORDER, None): "first-order ZeRO-3 AdamW"}  # fmt: skip
+NAMES = {"subzero": "SubZero", "mezo": "MeZO"}  # how the legend spells a method (others: as --method does)
+
+
+def series(configuration: dict[str, Any]) -> str:
+    """The plot's and table's label of a configuration's series: 'ZO fused (SubZero)', 'first-order …'."""
+    method, mode, dtype = configuration["method"], configuration["mode"], configuration["dtype"]
+    label = "first-order ZeRO-3 AdamW" if method == FIRST_ORDER else f"ZO {mode} ({NAMES.get(method, method)})"
+    return label + ("" if dtype == "fp32" else f", {dtype}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,12 +61,10 @@ def parse_args() -> argparse.Namespace:
 
 def points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
     """Per series label: (parameters, step s, MiB above imports on the larger rank), by size."""
-    series: dict[str, list[tuple[int, float, float]]] = {}
+    by_label: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
-        c = r["configuration"]
-        label = SERIES[(c["method"], c["mode"])] + ("" if c["dtype"] == "fp32" else f", {c['dtype']}")
-        series.setdefault(label, []).append((r["total_params"], r["step_s"], max(r["above_imports_mib"])))
-    return {label: sorted(values) for label, values in series.items()}
+        by_label.setdefault(series(r["configuration"]), []).append((r["total_params"], r["step_s"], max(r["above_imports_mib"])))
+    return {label: sorted(values) for label, values in by_label.items()}
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -96,7 +99,7 @@ def markdown_report(rows: list[dict[str, Any]], args: argparse.Namespace, comman
     labels: list[str] = []
     for r in rows:
         c = r["configuration"]
-        label = SERIES[(c["method"], c["mode"])] + ("" if c["dtype"] == "fp32" else f", {c['dtype']}")
+        label = series(c)
         labels += [label] if label not in labels else []
         by_size.setdefault((c["model"], r["total_params"]), {})[label] = r
     lines = [

@@ -52,6 +52,7 @@ import argparse
 
 import torch.distributed as dist
 from harness.report import command_line, device_note, per_rank, publish
+from harness.methods import method_spec
 from harness.steps import (
     BREAKDOWN,
     DEFAULT_BATCH_SIZE,
@@ -88,10 +89,12 @@ def memory_vs_mezo(rows: list[Row]) -> list[str]:
     ratios = [f"{c.method} {c.mode or ''} {r.max_above_imports_mib / mezo[c.model, c.dtype, c.mode]:.3f}×".replace("  ", " ")
               for r in rows if (c := r.configuration).method != "mezo" and (c.model, c.dtype, c.mode) in mezo]
     lines = ["", "Peak RSS above imports ÷ MeZO's (same model, dtype, mode): " + ", ".join(ratios) + "."] if ratios else []
-    hizoo = [f"{r.ratio / 1.5:.3f}" for r in rows if r.configuration.method == "hizoo" and r.forward2_s == r.forward2_s]
-    if hizoo:
-        lines += ["", "HiZOO takes three forwards (ℓ0, ℓ+, ℓ−): its limit is 1.5× two forwards; step ÷ three forwards: "
-                  + ", ".join(hizoo) + "."]
+    more = [f"{c.method} {r.ratio * 2 / forwards:.3f} ({forwards} forwards)" for r in rows
+            if (c := r.configuration).method != FIRST_ORDER and (forwards := method_spec(c.method).forwards_per_step()) != 2
+            and r.forward2_s == r.forward2_s]
+    if more:
+        lines += ["", "Methods whose step takes other than two forwards (the registry's forwards_per_step), "
+                  "step ÷ that many plain forwards: " + ", ".join(more) + "."]
     return lines
 
 

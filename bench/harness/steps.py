@@ -41,6 +41,7 @@ from subzero_ds.methods.sparse_mezo import SparseDirection
 
 from .collectives import CollectiveCounter
 from .load import CpuUsage, other_load
+from .methods import method_spec, zo_methods
 from .models import DTYPES, MODELS, Batch, random_batch
 from .report import write_json
 from .workers import broadcast, exit_cleanly, peak_rss_mib, show_progress, timed
@@ -49,14 +50,9 @@ RSS_AFTER_IMPORTS_MIB = psutil.Process().memory_info().rss / 2**20
 BENCH = Path(__file__).resolve().parents[1]  # bench/: the workers import this package from there
 
 FIRST_ORDER = "first-order"
-# --method name -> its "subzero" settings (subzero_ds.methods: every method of the family).
-ZO_METHODS = {
-    "subzero": {"method": "subzero"}, "mezo": {"method": "mezo"},
-    "subzero-momentum": {"method": "subzero", "update": "momentum"}, "subzero-adam": {"method": "subzero", "update": "adam"},
-    "mezo-adam": {"method": "mezo", "update": "adam"}, "hizoo": {"method": "hizoo"},
-    "sparse_mezo": {"method": "sparse_mezo"},
-}
-UNFUSED = {"hizoo", "sparse_mezo"}  # no fused ± pass
+# --method name -> its "subzero" settings: every registered method and update rule (harness/methods.py).
+ZO_METHODS = zo_methods()
+UNFUSED = {name for name in ZO_METHODS if not method_spec(name).fusable}  # no fused ± pass
 METHODS = (*ZO_METHODS, FIRST_ORDER)
 MODES = ("in-place", "fused")
 
