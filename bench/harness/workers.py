@@ -2,18 +2,69 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
 import logging
+import os
 import resource
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import psutil
 import torch
 import torch.distributed as dist
 
-from subzero_ds.distributed import exit_process, log
+from subzero_ds.distributed import exit_process, free_port, log
 
 T = TypeVar("T")
+BENCH = Path(__file__).resolve().parents[1]  # bench/: a worker imports this package from there
+
+
+def run_fresh_workers(command: list[str], env: dict[str, str], timeout: float, name: str) -> list[dict[str, Any]] | None:
+    """Run ``command`` in a fresh worker process on this rank (every rank does) and gather their results.
+
+    The workers of all ranks form their own process group on a fresh port (``MASTER_PORT``); bench/
+    is on their ``PYTHONPATH``. Each writes its result as JSON to the path ``--result <path>``
+    (appended to ``command``) names.
+
+    Args:
+        command: the worker's command line, without ``--result``.
+        env: its environment (``MASTER_PORT`` and ``PYTHONPATH`` are set here).
+        timeout: seconds before the worker is killed.
+        name: what the worker measures, for the error message.
+
+    Returns:
+        Every rank's result on rank 0 (None elsewhere).
+
+    Raises:
+        RuntimeError: a worker failed or timed out on some rank.
+    """
+    port = broadcast(free_port() if dist.get_rank() == 0 else None)
+    python_path = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
+    env = {**env, "MASTER_PORT": str(port), "PYTHONPATH": python_path}
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        try:
+            completed = subprocess.run([*command, "--result", str(result_path)], env=env, timeout=timeout)
+            failure = None if completed.returncode == 0 else f"exit status {completed.returncode}"
+        except subprocess.TimeoutExpired:
+            failure = f"no result after {timeout:.0f} s"
+        finally:  # a killed worker leaves DeepSpeed's 66 MB /dev/shm buffer behind: remove it
+            address, local_rank = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("LOCAL_RANK", "0")
+            for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{address}_{port}_{local_rank}"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        result = json.loads(result_path.read_text()) if failure is None else {"failure": failure}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    failures = [f"rank {rank}: {r['failure']}" for rank, r in enumerate(gathered) if "failure" in r]
+    if failures:
+        raise RuntimeError(f"the {name} worker failed ({'; '.join(failures)}); see its log above")
+    return gathered if dist.get_rank() == 0 else None
 
 
 def broadcast(value: Any) -> Any:
