@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Batch = dict[str, torch.Tensor]
@@ -21,11 +22,12 @@ class ModelShape:
     config: Callable[[], PretrainedConfig]
 
 
-def _opt(hidden: int, layers: int, heads: int, project: int | None = None) -> Callable[[], OPTConfig]:
-    """An OPT shape (vocabulary 50272, ffn 4 × hidden), no KV cache."""
+def opt_shape(hidden: int, layers: int, heads: int, project: int | None = None, ffn: int | None = None,
+              vocab: int = 50272) -> Callable[[], OPTConfig]:
+    """An OPT shape (by default OPT's vocabulary of 50272 and ffn 4 × hidden; 2048 positions), no KV cache."""
     return lambda: OPTConfig(
-        vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden, num_attention_heads=heads,
-        max_position_embeddings=2048, word_embed_proj_dim=project or hidden, use_cache=False,
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn or 4 * hidden,
+        num_attention_heads=heads, max_position_embeddings=2048, word_embed_proj_dim=project or hidden, use_cache=False,
     )  # fmt: skip
 
 
@@ -38,14 +40,22 @@ def _llama_134m() -> LlamaConfig:
 
 
 MODELS: dict[str, ModelShape] = {
-    "opt": ModelShape("OPT-125M shape (hidden 768, 12 layers, ffn 3072, vocab 50272, tied)", OPTForCausalLM, _opt(768, 12, 12)),
+    "opt": ModelShape("OPT-125M shape (hidden 768, 12 layers, ffn 3072, vocab 50272, tied)", OPTForCausalLM, opt_shape(768, 12, 12)),
     "llama": ModelShape("LLaMA shape (hidden 768, 12 layers, SwiGLU 2048, vocab 32000, untied)", LlamaForCausalLM, _llama_134m),
-    "opt-tiny": ModelShape("OPT shape, hidden 64, 2 layers (smoke tests)", OPTForCausalLM, _opt(64, 2, 2)),
-    "opt-7m": ModelShape("OPT shape, hidden 128, 4 layers", OPTForCausalLM, _opt(128, 4, 4)),
-    "opt-30m": ModelShape("OPT shape, hidden 384, 6 layers", OPTForCausalLM, _opt(384, 6, 6)),
-    "opt-350m": ModelShape("OPT-350M shape (hidden 1024, 24 layers, projections 512)", OPTForCausalLM, _opt(1024, 24, 16, 512)),
-    "opt-1.3b": ModelShape("OPT-1.3B shape (hidden 2048, 24 layers, ffn 8192, vocab 50272, tied)", OPTForCausalLM, _opt(2048, 24, 32)),
+    "opt-tiny": ModelShape("OPT shape, hidden 64, 2 layers (smoke tests)", OPTForCausalLM, opt_shape(64, 2, 2)),
+    "opt-7m": ModelShape("OPT shape, hidden 128, 4 layers", OPTForCausalLM, opt_shape(128, 4, 4)),
+    "opt-30m": ModelShape("OPT shape, hidden 384, 6 layers", OPTForCausalLM, opt_shape(384, 6, 6)),
+    "opt-350m": ModelShape("OPT-350M shape (hidden 1024, 24 layers, projections 512)", OPTForCausalLM, opt_shape(1024, 24, 16, 512)),
+    "opt-1.3b": ModelShape("OPT-1.3B shape (hidden 2048, 24 layers, ffn 8192, vocab 50272, tied)", OPTForCausalLM, opt_shape(2048, 24, 32)),
 }  # fmt: skip
+
+
+def build_partitioned(model_class: type[PreTrainedModel], config: PretrainedConfig, ds_config: dict,
+                      dtype: torch.dtype) -> PreTrainedModel:
+    """The model with random weights in ``dtype``, partitioned by ZeRO-3 as it is created (``ds_config``'s
+    ``zero_optimization``: never whole on a rank), SDPA attention, dropout off (eval mode)."""
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while the model is created: ZeRO-3 init
+    return model_class._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
 
 
 def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int) -> Batch:

@@ -13,10 +13,13 @@ import torch
 from subzero_ds.distributed import log
 
 
-def publish(report: str, output: Path, name: str) -> None:
-    """Write a benchmark's markdown report to ``output`` and print it."""
+def publish(report: str, output: Path, name: str, raw: Any = None) -> None:
+    """Write a benchmark's markdown report to ``output`` and print it; ``raw`` (JSON-serializable), when
+    given, goes next to it (``.json``)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
+    if raw is not None:
+        output.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(report, flush=True)
     log(f"{name}: report written to {output}")
 
@@ -25,6 +28,11 @@ def write_json(rows: list[Any], path: Path) -> None:
     """The rows, machine-readable, next to the Markdown report."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def per_rank(values: list[float]) -> str:

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import psutil
 import torch
-from transformers.integrations import HfDeepSpeedConfig
 
 import subzero_ds
 import subzero_ds.phases
@@ -28,7 +27,7 @@ from subzero_ds.methods.sparse_mezo import SparseDirection
 
 from .collectives import CollectiveCounter
 from .load import CpuUsage, other_load
-from .models import DTYPES, MODELS, Batch, random_batch
+from .models import DTYPES, MODELS, Batch, build_partitioned, random_batch
 from .steps import FIRST_ORDER, NESTED_PHASES, PHASES, ZO_METHODS, Configuration, parse_args
 from .workers import exit_cleanly, peak_rss_mib, show_progress, timed
 
@@ -83,9 +82,8 @@ def ds_config(configuration: Configuration, batch_size: int, subspace_rank: int)
 
 def build_model(configuration: Configuration, config: dict[str, Any], tuning: str) -> torch.nn.Module:
     """The model with random weights, partitioned by ZeRO-3 as it is created, dropout off (eval mode)."""
-    hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841 - alive while the model is created: ZeRO-3 init
     shape = MODELS[configuration.model]
-    model = shape.model_class._from_config(shape.config(), dtype=DTYPES[configuration.dtype], attn_implementation="sdpa")
+    model = build_partitioned(shape.model_class, shape.config(), config, DTYPES[configuration.dtype])
     return add_adapter(model, Tuning(tuning)).eval()
 
 

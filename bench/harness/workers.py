@@ -90,6 +90,11 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def rss_mib() -> float:
+    """This process's resident set size now, in MiB."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
