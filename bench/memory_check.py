@@ -160,7 +160,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, world: in
 def rerender(args: argparse.Namespace) -> None:
     """Recompute the predictions for the measurements saved in ``--output``'s ``.json`` (no run)."""
     raw = json.loads(args.output.with_suffix(".json").read_text())
-    saved = parse_args([a for a in raw["argv"] if not a.startswith("--local_rank")])
+    saved = parse_args([a for a in raw["argv"] if not a.startswith("--local_rank")] + ["--output", str(args.output)])
     sys.argv = [sys.argv[0], *raw["argv"]]  # the report names the command that measured
     write_report(raw["rows"], saved, raw["world"], raw["wall_s"])
 
