@@ -25,7 +25,7 @@ from subzero_ds.distributed import log
 
 from .methods import method_spec, zo_methods
 from .models import DTYPES, MODELS
-from .report import write_json
+from .report import device_note, write_json
 from .workers import run_fresh_workers
 
 FIRST_ORDER = "first-order"
@@ -180,6 +180,17 @@ class Row:
         """The larger rank's peak RSS above its post-import RSS."""
         return max(self.above_imports_mib)
 
+    @property
+    def forwards(self) -> int:
+        """Forward passes of the method's step (the registry's ``forwards_per_step``; 2 for first-order)."""
+        method = self.configuration.method
+        return 2 if method == FIRST_ORDER else method_spec(method).forwards_per_step()
+
+    @property
+    def limit_ratio(self) -> float:
+        """Step time over as many plain forwards as the step takes (:attr:`forwards`)."""
+        return self.ratio * 2 / self.forwards
+
 
 def summarize(configuration: Configuration, ranks: list[dict[str, Any]]) -> Row:
     """Medians over iterations of the slower rank per iteration; phases from rank 0."""
@@ -225,6 +236,24 @@ def models_note(rows: list[Row]) -> str:
     for r in rows:
         seen.setdefault(r.configuration.model, r.total_params)
     return " ".join(f"`{m}`: {MODELS[m].label}, {n / 1e6:.1f}M parameters." for m, n in seen.items())
+
+
+def setup_note(rows: list[Row], args: argparse.Namespace, world_size: int, wall_s: float) -> str:
+    """How the rows were measured: models, ranks, device, threads, batch, iterations, wall time."""
+    forwards = "" if args.no_forwards else "; step and 2×forward interleaved, each timed after a barrier"
+    return (f"Tuning: {args.tuning}. Models (random weights): {models_note(rows)} ZeRO-3 over {world_size} ranks, "
+            f"{device_note()}, {args.threads} torch thread(s) per rank, SDPA, no KV cache. Batch {args.batch_size} × "
+            f"{args.seq_len} tokens per rank. {args.warmup} warm-up + {args.steps} measured iterations per fresh "
+            f"worker process{forwards}; per iteration the slower rank; median over iterations. "
+            f"Wall time {wall_s / 60:.1f} min (rank 0, from its start to this report).")
+
+
+def load_note(args: argparse.Namespace) -> str:
+    """What the 'other CPU load' column means (the load guard)."""
+    return ("'Other CPU load' is the largest share of the host's CPU time used by processes other than the "
+            f"benchmark's workers during a measured iteration; an iteration above {args.max_other_load:.0%} was "
+            "measured again (repeats in brackets, at most `--max-repeats`). If it is still more than a few percent, "
+            "something else competed for the cores and the timings are suspect: run again on a quiet machine.")
 
 
 def run_all(args: argparse.Namespace) -> list[Row]:
