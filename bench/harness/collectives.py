@@ -1,9 +1,14 @@
-"""Counting the bytes that collectives move, per rank, by wrapping DeepSpeed's and torch's collectives."""
+"""Counting the bytes that collectives move, per rank, by wrapping DeepSpeed's and torch's collectives.
+
+bench/harness/step_worker.py counts a step's bytes with it; tests/distributed/test_gather_count.py
+counts a step's gathers per parameter and its all-reduces with it.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections import Counter
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -16,6 +21,13 @@ class CollectiveCounter:
     that calls it directly). Nested calls (DeepSpeed's backend calling torch) count once.
     An all-gather counts its output: the whole gathered tensor that lands on this rank. A
     reduction counts its input.
+
+    Attributes:
+        active: whether calls are counted now.
+        gathered, reduced: bytes all-gathered and reduced since the last :meth:`take`.
+        all_reduces: the number of elements of every all-reduce counted, in order.
+        parameter_gathers: per parameter name, how often ZeRO-3 gathered it (only for the parameters
+            given to :meth:`count_parameter_gathers`).
     """
 
     # name -> (bytes moved, gather?) from the call's positional and keyword arguments
@@ -35,6 +47,8 @@ class CollectiveCounter:
     def __init__(self) -> None:
         self.active = False
         self.gathered = self.reduced = 0
+        self.all_reduces: list[int] = []
+        self.parameter_gathers: Counter[str] = Counter()
         self._depth = 0
 
     def install(self) -> None:
@@ -45,9 +59,30 @@ class CollectiveCounter:
             for name, (size, gather) in self._SIZES.items():
                 fn = getattr(owner, name, None)
                 if callable(fn):
-                    setattr(owner, name, self._wrap(fn, size, gather))
+                    setattr(owner, name, self._wrap(fn, size, gather, name == "all_reduce"))
 
-    def _wrap(self, fn: Callable[..., Any], size: Callable[[tuple, dict], int], gather: bool) -> Callable[..., Any]:
+    def count_parameter_gathers(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        """Also count, by name, how often ZeRO-3 gathers each of these parameters while :attr:`active`.
+
+        ZeRO-3 fetches a module's parameters with ``param.all_gather_coalesced(params)``, one
+        collective for the group; each parameter of the group counts once.
+        """
+        named_parameters = list(named_parameters)
+        names = {id(param): name for name, param in named_parameters}
+        for _, param in named_parameters:
+            param.all_gather_coalesced = self._per_parameter(param.all_gather_coalesced, names)
+
+    def _per_parameter(self, gather: Callable[..., Any], names: dict[int, str]) -> Callable[..., Any]:
+        @functools.wraps(gather)
+        def counted(params: list[torch.nn.Parameter], *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                self.parameter_gathers.update(names[id(p)] for p in params if id(p) in names)
+            return gather(params, *args, **kwargs)
+
+        return counted
+
+    def _wrap(self, fn: Callable[..., Any], size: Callable[[tuple, dict], int], gather: bool, all_reduce: bool
+              ) -> Callable[..., Any]:
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
             if self.active and self._depth == 0:
@@ -56,6 +91,8 @@ class CollectiveCounter:
                     self.gathered += moved
                 else:
                     self.reduced += moved
+                if all_reduce:
+                    self.all_reduces.append(_numel(kwargs.get("tensor", args[0] if args else None)))
             self._depth += 1
             try:
                 return fn(*args, **kwargs)
@@ -69,6 +106,10 @@ class CollectiveCounter:
         counts = (self.gathered, self.reduced)
         self.gathered = self.reduced = 0
         return counts
+
+
+def _numel(value: Any) -> int:
+    return value.numel() if isinstance(value, torch.Tensor) else 0
 
 
 def _nbytes(value: Any) -> int:
