@@ -48,9 +48,10 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
     ]
     cells = []
     for in_place, fused in pairs(rows):
-        c, ratio = fused.configuration, fused.gathered_mib / in_place.gathered_mib if in_place.gathered_mib else float("nan")
-        cells.append([c.model, c.dtype, c.method, f"{in_place.gathered_mib:,.0f}", f"{fused.gathered_mib:,.0f}",
-                      f"**{ratio:.3f}** ({'met' if ratio <= TARGET else 'missed'})",
+        c, ratio = fused.configuration, fused.gathered_mib / max(in_place.gathered_mib, 1e-30)
+        verdict = f"**{ratio:.3f}** ({'met' if ratio <= TARGET else 'missed'})" if in_place.gathered_mib else \
+            "— (nothing gathered: one rank?)"
+        cells.append([c.model, c.dtype, c.method, f"{in_place.gathered_mib:,.0f}", f"{fused.gathered_mib:,.0f}", verdict,
                       "—" if args.no_forwards else f"{in_place.forward2_gathered_mib:,.0f}"])
     lines += table(["model", "dtype", "method", "in-place MiB per step", "fused MiB per step", "fused ÷ in-place",
                     "MiB per 2 plain forwards"], cells)
