@@ -34,19 +34,15 @@ from subzero_ds.tasks import get_task, load_samples
 from subzero_ds.train import TaskBatches
 
 
-def changed_fraction_per_update(engine: subzero_ds.SubZeroEngine) -> list[float]:
-    """Wrap the optimizer's update so that each call records the share of elements it changed."""
-    fractions: list[float] = []
-    optimizer = engine.optimizer
-    update = optimizer.update_
+def changed_fraction(engine: subzero_ds.SubZeroEngine) -> float:
+    """The share of the trainable elements whose stored value the last step's update changed.
 
-    def counted(step: int, projected_grad: float, lr: float) -> None:
-        update(step, projected_grad, lr)
-        changed = sum(int((s.local() != b).sum()) for s, b in zip(optimizer.shards, optimizer._backups))
-        fractions.append(changed / sum(s.local_numel for s in optimizer.shards))
-
-    optimizer.update_ = counted
-    return fractions
+    In-place probing backs θ up before the probes and the update is computed from that backup
+    (``engine.probes.theta``), which still holds θ before the update when the step returns.
+    """
+    backups = engine.probes.theta.local
+    changed = sum(int((shard.local() != backup).sum()) for shard, backup in zip(engine.shards, backups))
+    return changed / sum(shard.local_numel for shard in engine.shards)
 
 
 def evaluate(engine, samples, encoder, batch_size: int = 16) -> tuple[float, float]:
@@ -70,12 +66,14 @@ def run(args: argparse.Namespace, lr: float, rounding: str, model_path: Path, to
                           "seed": 0, "update_rounding": rounding}}
     encoder = SampleEncoder(tokenizer, 64)
     engine = subzero_ds.initialize(model=model, config=config, loss_fn=classification_loss)
-    fractions = changed_fraction_per_update(engine)
     before = evaluate(engine, held_out, encoder)
     batches = TaskBatches(train, 16, seed=0)
-    losses, started = [], time.perf_counter()
+    losses, fractions, started = [], [], time.perf_counter()
     for step in range(args.steps):
-        losses.append(engine.step(candidate_batch(batches.at(step), encoder)).loss)
+        result = engine.step(candidate_batch(batches.at(step), encoder))
+        losses.append(result.loss)
+        if result.updated and not result.skipped:
+            fractions.append(changed_fraction(engine))
     seconds = time.perf_counter() - started
     after = evaluate(engine, held_out, encoder)
     return {"lr": lr, "rounding": rounding, "fractions": fractions, "losses": losses, "before": before,

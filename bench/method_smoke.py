@@ -4,10 +4,11 @@ Run from the repository root (~5 min per method on 2 cores):
 
     .venv/bin/python bench/method_smoke.py --data ../shared/data/sst2 [--methods subzero hizoo ...]
 
-Each method trains SmolLM2-135M-Instruct (full fine-tuning, the classification loss over
-" terrible"/" great", global batch 16) through ``deepspeed --num_gpus 2 --module subzero_ds.train``
-with its shipped config (``ds_configs/``) at the learning rate below (the demo's 1e-5; 1e-6 with
-momentum, whose effective step is lr / (1 − β)). Reports the training loss in windows of 10 steps,
+Each method (every registered method and update rule, ``harness/methods.py``) trains
+SmolLM2-135M-Instruct (full fine-tuning, the classification loss over " terrible"/" great", global
+batch 16) through ``deepspeed --num_gpus 2 --module subzero_ds.train`` with its shipped config
+(``ds_configs/``; a method that ships none: its settings and the defaults) at the demo's learning
+rate 1e-5 (1e-6 with momentum, whose effective step is lr / (1 − β)). Reports the training loss in windows of 10 steps,
 whether it fell, whether anything was not finite, and the accuracy on ``--num_eval`` validation
 sentences before and after. Writes ``--output`` (default ``bench/results/method_smoke.md``).
 """
@@ -24,19 +25,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.methods import update_rule, zo_methods
+
 REPO = Path(__file__).resolve().parents[1]
-# method -> (shipped config, learning rate for 60 steps)
-METHODS = {
-    "subzero": ("zero3_subzero.json", 1e-5), "mezo": ("zero3_mezo.json", 1e-5),
-    "subzero-momentum": ("zero3_subzero_momentum.json", 1e-6), "subzero-adam": ("zero3_subzero_adam.json", 1e-5),
-    "mezo-adam": ("zero3_mezo_adam.json", 1e-5), "hizoo": ("zero3_hizoo.json", 1e-5),
-    "sparse_mezo": ("zero3_sparse_mezo.json", 1e-5),
-}
+METHODS = zo_methods()  # every registered method and update rule
+LR, MOMENTUM_LR = 1e-5, 1e-6  # for 60 steps; momentum's effective step is lr / (1 − β)
+
+
+def method_config(method: str) -> dict:
+    """The method's shipped config (``ds_configs/zero3_<method>.json``), or, for a method that ships
+    none, ZeRO-3 with its ``"subzero"`` settings and the package's defaults for the rest."""
+    shipped = REPO / "ds_configs" / f"zero3_{method.replace('-', '_')}.json"
+    if shipped.is_file():
+        return json.loads(shipped.read_text())
+    return {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 3},
+            "subzero": {**METHODS[method], "eps": 1e-3, "seed": 0}}
 
 
 def run(method: str, args: argparse.Namespace, scratch: Path) -> dict:
-    config_name, lr = METHODS[method]
-    config = json.loads((REPO / "ds_configs" / config_name).read_text())
+    config, lr = method_config(method), MOMENTUM_LR if update_rule(method) == "momentum" else LR
     config["subzero"]["lr"] = lr
     config["train_micro_batch_size_per_gpu"] = 8
     config_path = scratch / f"{method}.json"

@@ -9,7 +9,7 @@ written to the swap files as it is constructed, so it is never whole in memory. 
 steps, each: one forward over [B; B] (every layer swapped in from NVMe and gathered once), one
 all-reduce of (ℓ+, ℓ−), and the update (each shard swapped in, edited, written back).
 
-Reports per step (rank 0 prints a table; bench/results/nvme_scale_<size>.md):
+Reports per step (rank 0 prints a table; ``--output``, default bench/results/nvme_scale_<size>.md):
 seconds, bytes read from / written to storage by each rank (/proc/self/io, which counts the
 O_DIRECT reads of DeepSpeed's async I/O), peak RSS per rank, and the machine's total RAM.
 """
@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -114,6 +113,7 @@ def main() -> None:
     parser.add_argument("--nvme_path", default="/work/nvme")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq_len", type=int, default=32)
+    parser.add_argument("--output", type=Path, help="default: bench/results/nvme_scale_<size>.md")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     init_distributed()
@@ -170,7 +170,7 @@ def main() -> None:
                   + " (after building: " + " / ".join(f"{r['build_rss']:.2f}" for r in per_rank) + ")."]
         text = "\n".join(lines) + "\n"
         print(text)
-        out = Path(__file__).parent / "results" / f"nvme_scale_{args.size}.md"
+        out = args.output or Path(__file__).parent / "results" / f"nvme_scale_{args.size}.md"
         out.write_text(text)
     exit_process(0)
 

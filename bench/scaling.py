@@ -8,11 +8,11 @@ Four OPT-shaped sizes (``opt-7m``: hidden 128, 4 layers; ``opt-30m``: hidden 384
 ``opt``: OPT-125M; ``opt-350m``: OPT-350M, hidden 1024, 24 layers; all with OPT's 50272-token
 vocabulary, random weights) × three ways to train them: SubZero with the fused ± pass, SubZero
 in place, and plain DeepSpeed ZeRO-3 with AdamW (forward, backward, step). Every configuration
-runs in a fresh pair of ``bench/step_cost.py`` workers; a row's step time is the median over the
+runs in a fresh pair of workers (``bench/harness/steps.py``); a row's step time is the median over the
 measured steps of the slower rank, its memory the larger rank's peak RSS above the RSS right
 after its imports.
 
-Options are ``bench/step_cost.py``'s, with other defaults: ``--model opt-7m opt-30m opt opt-350m``,
+Options are ``bench/step_cost.py``'s (``bench/harness/steps.py``), with other defaults: ``--model opt-7m opt-30m opt opt-350m``,
 ``--dtype fp32``, ``--method subzero first-order``, ``--mode in-place fused``, ``--batch-size 4``
 (not 16: on 2 CPU cores the 350M first-order rows would take too long), ``--steps 2``, ``--warmup 1``,
 the plain-forward timing skipped; ``--output bench/results/scaling.md``. The plot goes next to it
@@ -27,15 +27,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import step_cost
 import torch.distributed as dist
-from step_cost import FIRST_ORDER, MODELS, command_line, exit_cleanly, run_all
+from harness.models import MODELS
+from harness.report import command_line
+from harness.steps import FIRST_ORDER, parse_args as parse_step_args, run_all
+from harness.workers import exit_cleanly, run_or_exit, show_progress, wall_seconds
 
 from subzero_ds.distributed import init_distributed, log
 
-SERIES = {("subzero", "fused"): "ZO fused (SubZero)", ("subzero", "in-place"): "ZO in-place (SubZero)",
-          ("mezo", "fused"): "ZO fused (MeZO)", ("mezo", "in-place"): "ZO in-place (MeZO)",
-          (FIRST_ORDER, None): "first-order ZeRO-3 AdamW"}  # fmt: skip
+NAMES = {"subzero": "SubZero", "mezo": "MeZO"}  # how the legend spells a method (others: as --method does)
+
+
+def series(configuration: dict[str, Any]) -> str:
+    """The plot's and table's label of a configuration's series: 'ZO fused (SubZero)', 'first-order …'."""
+    method, mode, dtype = configuration["method"], configuration["mode"], configuration["dtype"]
+    label = "first-order ZeRO-3 AdamW" if method == FIRST_ORDER else f"ZO {mode} ({NAMES.get(method, method)})"
+    return label + ("" if dtype == "fp32" else f", {dtype}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     plot_only = "--plot-only" in sys.argv
     if plot_only:
         sys.argv.remove("--plot-only")
-    args = step_cost.parse_args(
+    args = parse_step_args(
         description=__doc__.split("\n\n")[0], model=["opt-7m", "opt-30m", "opt", "opt-350m"], dtype=["fp32"],
         method=["subzero", FIRST_ORDER], batch_size=4, steps=2, warmup=1, no_forwards=True,
         output=Path("bench/results/scaling.md"),
@@ -54,12 +61,10 @@ def parse_args() -> argparse.Namespace:
 
 def points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
     """Per series label: (parameters, step s, MiB above imports on the larger rank), by size."""
-    series: dict[str, list[tuple[int, float, float]]] = {}
+    by_label: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
-        c = r["configuration"]
-        label = SERIES[(c["method"], c["mode"])] + ("" if c["dtype"] == "fp32" else f", {c['dtype']}")
-        series.setdefault(label, []).append((r["total_params"], r["step_s"], max(r["above_imports_mib"])))
-    return {label: sorted(values) for label, values in series.items()}
+        by_label.setdefault(series(r["configuration"]), []).append((r["total_params"], r["step_s"], max(r["above_imports_mib"])))
+    return {label: sorted(values) for label, values in by_label.items()}
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -94,7 +99,7 @@ def markdown_report(rows: list[dict[str, Any]], args: argparse.Namespace, comman
     labels: list[str] = []
     for r in rows:
         c = r["configuration"]
-        label = SERIES[(c["method"], c["mode"])] + ("" if c["dtype"] == "fp32" else f", {c['dtype']}")
+        label = series(c)
         labels += [label] if label not in labels else []
         by_size.setdefault((c["model"], r["total_params"]), {})[label] = r
     lines = [
@@ -140,17 +145,17 @@ def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, command:
 def main() -> None:
     """Run every (size, method, mode) in fresh workers; rank 0 prints the table and writes table and plot."""
     args = parse_args()
-    step_cost.show_progress()
+    show_progress()
     if args.plot_only:
         rows = json.loads(args.output.with_suffix(".json").read_text())
         command = args.output.read_text().split("`")[1] if args.output.exists() else "(earlier run)"
         print(write_outputs(rows, args, command, None))
         return
     init_distributed()
-    step_cost.run_or_exit(lambda: run_all(args))  # also writes the rows as JSON next to --output
+    run_or_exit(lambda: run_all(args))  # also writes the rows as JSON next to --output
     if dist.get_rank() == 0:
         rows = json.loads(args.output.with_suffix(".json").read_text())
-        wall_s = step_cost.wall_seconds()
+        wall_s = wall_seconds()
         print(write_outputs(rows, args, command_line(dist.get_world_size(), "bench/scaling.py"), wall_s), flush=True)
         log(f"scaling: table and plot written to {args.output} and {args.output.with_suffix('.png')}")
     exit_cleanly(0)

@@ -7,7 +7,7 @@ Checks, and prints as a table:
 - every checkpoint written loads (checksums, shapes) into a fresh engine;
 - a fresh engine resumed from the middle checkpoint ends with weights bit-identical to the
   uninterrupted run's, and the same losses.
-Writes bench/results/soak[_fused].md (rank 0). Exit code 1 if a check fails.
+Writes ``--output`` (default bench/results/soak[_fused].md; rank 0). Exit code 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--save_every", type=int, default=100)
     parser.add_argument("--fused", action="store_true")
+    parser.add_argument("--output", type=Path, help="default: bench/results/soak[_fused].md")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     init_distributed()
@@ -115,7 +116,7 @@ def main() -> None:
         ]
         text = "\n".join(lines) + "\n"
         print(text)
-        out = Path(__file__).parent / "results" / f"soak{'_fused' if args.fused else ''}.md"
+        out = args.output or Path(__file__).parent / "results" / f"soak{'_fused' if args.fused else ''}.md"
         out.write_text(text)
         shutil.rmtree(root, ignore_errors=True)
     exit_process(0 if ok else 1)

@@ -3,13 +3,12 @@
 One launch (2 ranks, ZeRO-3, ``stage3_param_persistence_threshold: 0`` so that every parameter
 is partitioned) runs this file as a script: it counts, over steps 2-4 of each mode (step 1
 traces the modules), how often each parameter is all-gathered and how many bytes DeepSpeed's
-communication backend gathers, and how many all-reduces the step issues.
+communication backend gathers, and how many all-reduces the step issues: with the benchmarks'
+collective counter (bench/harness/collectives.py, on the path tests/conftest.py sets).
 """
 
-import functools
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,62 +17,10 @@ pytestmark = pytest.mark.distributed
 STEPS = 3
 
 
-class GatherCounter:
-    """Counts all-gathers per parameter and all-gathered bytes/all-reduces while :attr:`active`.
-
-    Per parameter: ZeRO-3 fetches a module's parameters with ``param.all_gather_coalesced(params)``
-    (one collective for the group). Bytes: every all-gather of ``deepspeed.comm`` (which any other
-    gather, e.g. ``GatheredParameters``, also goes through), counted by its output tensor.
-    """
-
-    GATHERS = ("allgather_fn", "all_gather_into_tensor", "all_gather", "all_gather_coalesced")
-
-    def __init__(self, params) -> None:
-        import deepspeed.comm
-        import torch.distributed
-
-        self.active, self.depth = False, 0
-        self.per_param, self.gathered_bytes, self.all_reduces = Counter(), 0, []
-        self.names = {id(p): name for name, p in params}
-        for _, param in params:
-            param.all_gather_coalesced = self._per_param(param.all_gather_coalesced)
-        for name in self.GATHERS:
-            setattr(deepspeed.comm, name, self._collective(getattr(deepspeed.comm, name), gather=True))
-        deepspeed.comm.all_reduce = self._collective(deepspeed.comm.all_reduce, gather=False)
-        torch.distributed.all_reduce = self._collective(torch.distributed.all_reduce, gather=False)
-
-    def _per_param(self, gather):
-        @functools.wraps(gather)
-        def counted(params, *args, **kwargs):
-            if self.active:
-                self.per_param.update(self.names[id(p)] for p in params)
-            return gather(params, *args, **kwargs)
-
-        return counted
-
-    def _collective(self, fn, gather: bool):
-        @functools.wraps(fn)
-        def counted(*args, **kwargs):
-            if self.active and self.depth == 0:
-                if gather:
-                    output = args[0] if args else next(iter(kwargs.values()))
-                    tensors = output if isinstance(output, (list, tuple)) else [output]
-                    self.gathered_bytes += sum(t.numel() * t.element_size() for t in tensors)
-                else:
-                    tensor = args[0] if args else kwargs["tensor"]
-                    self.all_reduces.append(tensor.numel())
-            self.depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.depth -= 1
-
-        return counted
-
-
 def count_steps(fused: bool) -> dict:
     """This rank's gather counts over ``STEPS`` steps after a first, tracing one."""
     import subzero_ds
+    from harness.collectives import CollectiveCounter
     from helpers.tiny import pattern_batch, rank_slice, tiny_model
     from subzero_ds.distributed import get_world_size_and_rank
 
@@ -83,7 +30,9 @@ def count_steps(fused: bool) -> dict:
     engine = subzero_ds.initialize(model=tiny_model("llama"), config=config)
     world_size, rank = get_world_size_and_rank()
     params = list(engine.module.named_parameters())
-    counter = GatherCounter(params)
+    counter = CollectiveCounter()
+    counter.install()
+    counter.count_parameter_gathers(params)
     batch = lambda step: rank_slice(pattern_batch(4, seed=step), rank, world_size)  # noqa: E731
     engine.step(batch(0))
     counter.active = True
@@ -91,11 +40,11 @@ def count_steps(fused: bool) -> dict:
         engine.step(batch(step))
     counter.active = False
     return {
-        "per_param": {name: counter.per_param[name] for name, _ in params},
+        "per_param": {name: counter.parameter_gathers[name] for name, _ in params},
         "partitioned": {name: not p.ds_persist for name, p in params},
         # what one gather of the parameter lands on this rank: its padded partitions of every rank
         "gather_bytes": {name: p.ds_tensor.ds_numel * world_size * p.element_size() for name, p in params},
-        "gathered_bytes": counter.gathered_bytes,
+        "gathered_bytes": counter.gathered,
         "all_reduces": counter.all_reduces,
     }
 
