@@ -41,13 +41,15 @@ class LossScoringError(RuntimeError):
 
 def language_model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """The mean token cross-entropy of ``model`` (a causal or masked LM) on ``batch["labels"]``, in fp32,
-    without the whole logits ever existing (scored inside the LM head where the model allows).
+    without the whole logits ever existing (scored inside the LM head where the model allows, without autograd).
 
     Labels of -100 are not scored; causal LMs predict token t+1 at position t (see :func:`token_targets`).
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    head = scoring_head(model)
+    # Under autograd (a first-order baseline) the head runs as itself: ZeRO-3's backward hooks need its output
+    # in the graph, and backward keeps every chunk's logits anyway, so scoring in the head would save nothing.
+    head = scoring_head(model) if not torch.is_grad_enabled() else None
     if head is None:
         return logits_loss(model, model(**inputs, **no_cache(model)).logits, labels)
     with scored_in_head(model, head, labels) as scores:

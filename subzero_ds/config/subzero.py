@@ -72,7 +72,7 @@ class SubZeroConfig(CoreSettings):
             config, problems = parse_section(data)
             if problems:
                 raise ValueError("\n".join(problems))
-            return config
+            data = dict(config)  # validated: the core keys, options and update_options, for pydantic to build
         return handler(data)
 
     @classmethod

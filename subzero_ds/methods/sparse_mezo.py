@@ -116,4 +116,5 @@ register_method(MethodSpec(
     fusable=False,  # the mask reads θ, which the fused pass's side paths do not see
     multi_query=False,
     direction_settings=("sparsity", "mask_interval"),
+    working_chunk_bytes=CHUNK_ELEMENTS * 4 * 2,  # a chunk of z and of its mask (θ's magnitudes)
 ))

@@ -1,5 +1,6 @@
 """subzero_ds.train's arguments (args.py, flags.py) and its engines behind one protocol (engines.py)."""
 
+import math
 import typing
 from dataclasses import fields
 
@@ -12,6 +13,7 @@ from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.checkpoint.sharded import CheckpointError
 from subzero_ds.train import (OPTIMIZER_TYPES, Args, DataArgs, FirstOrderEngine, TrainArgs, TrainingEngine, UsageError,
                               ZOEngine, first_order_config, parse_args)
+from subzero_ds.loss import language_model_loss
 from subzero_ds.train.args import Optimizer
 from subzero_ds.train.flags import build_parser
 
@@ -93,3 +95,14 @@ def test_the_first_order_engine_gives_the_loop_what_the_protocol_names(tmp_path)
     assert any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))  # SGD moved the weights
     with pytest.raises(CheckpointError, match="runs from start to end"):
         engine.save_checkpoint(tmp_path, extra={}, keep_last=1)
+
+
+def test_the_first_order_baseline_trains_with_the_lm_loss_under_zero3():
+    """The LM loss under autograd runs the LM head as itself: scoring inside it (the ZO path, no autograd) would
+    leave ZeRO-3's backward hooks without the head's output ('active_backward_submodules is empty')."""
+    ds_config = first_order_config({"zero_optimization": {"stage": 3}, "subzero": {}}, "adamw", 1e-3, 0.0)
+    engine = FirstOrderEngine(tiny_model("llama"), ds_config, language_model_loss, "adamw")
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    row = engine.step(pattern_batch(4))
+    assert math.isfinite(row["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
