@@ -16,7 +16,7 @@ from .base import Direction, LowRank, UpdateRule
 from .estimators import Estimator, Probe
 
 # Importing a method's or an update rule's file registers it.
-from . import mezo, subzero, hizoo, sparse_mezo  # noqa: E402,F401  (methods)
+from . import mezo, subzero, hizoo, sparse_mezo, rademacher  # noqa: E402,F401  (methods)
 from . import sgd, momentum, adam  # noqa: E402,F401  (update rules)
 
 if TYPE_CHECKING:
