@@ -1,14 +1,17 @@
 """Sharded checkpoints that resume a ZO run exactly, on the same or a different world size.
 
 DeepSpeed's ``save_checkpoint`` needs an optimizer (without one it fails on rank 0 and the other
-ranks hang), so checkpoints are ours. A ZO optimizer has no state beyond the step counter and
-the run seed (directions are regenerated from them), so a checkpoint is:
+ranks hang), so checkpoints are ours. Directions are regenerated from (run seed, step), so
+besides the weights a checkpoint holds only the method's own state (momentum, Adam moments,
+HiZOO's Hessian: sharded like the parameters, or SubZero's r×r coordinates whole on every rank)
+and its few scalars:
 
     checkpoint-<step>/
         rank-00000-of-00002.safetensors   this rank's flat range [start, end) of every trainable
-        rank-00001-of-00002.safetensors   parameter, in the parameter's dtype (bit-exact)
-        manifest.json                     step, seed, settings, data position, world size,
-                                          per-file ranges and SHA-256 (written last)
+        rank-00001-of-00002.safetensors   parameter, in the parameter's dtype (bit-exact), and of
+                                          each method state tensor
+        manifest.json                     step, seed, settings, the method's scalars, data position,
+                                          world size, per-file ranges and SHA-256 (written last)
 
 Atomicity: everything is written into ``.checkpoint-<step>.partial/``, each file fsynced, the
 manifest written last, then the directory is renamed into place (and the parent fsynced). A crash

@@ -1,6 +1,6 @@
 """Device kernels of a ZO pass: counter-based Gaussian directions, generated and applied in one pass.
 
-One operation serves every write the optimizer makes::
+One operation serves every write the shard writer makes::
 
     out = round(beta · src + alpha · d)       d: the Gaussian direction (key, offset …), a low-rank
                                               U·(μZVᵀ) at its flat positions, or a dense fp32 tensor
@@ -167,7 +167,6 @@ def _check(out: torch.Tensor, src: torch.Tensor, dense: torch.Tensor | None, u: 
             u.dim() == 2 and cvt.dim() == 2 and u.shape[1] == cvt.shape[0] and u.dtype == cvt.dtype == torch.float32
             and u.is_contiguous() and cvt.is_contiguous() and offset + out.numel() <= u.shape[0] * cvt.shape[1])):
         raise RuntimeError("subzero_ds::apply_ needs contiguous fp32 U (m×r) and CVᵀ (r×n) covering the range")
-    tensors = {"out": out, "src": src, **({"dense": dense} if dense is not None else {})}
     if out.dim() != 1 or not out.is_contiguous() or src.numel() != out.numel() or src.dtype != out.dtype:
         raise RuntimeError(f"subzero_ds::apply_ needs 1-D contiguous out/src of one size and dtype, got "
                            f"{tuple(out.shape)} {out.dtype} and {tuple(src.shape)} {src.dtype}")

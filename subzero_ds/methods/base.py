@@ -153,7 +153,7 @@ class StateTensor:
 
 class WriteRange:
     """Where a parameter's writes land on this rank: its owned range, or the whole parameter when
-    ZeRO-3 keeps it gathered (the optimizer then computes the whole and copies its range into the
+    ZeRO-3 keeps it gathered (the writer then computes the whole and copies its range into the
     shard). A parameter-sized state covers exactly this range."""
 
     def __init__(self, name: str, shape: tuple[int, ...], start: int, end: int, device: torch.device,

@@ -3,7 +3,7 @@
 Under ZeRO-3, ``p.data`` is an empty placeholder and this rank owns the flat elements
 [k·P, min((k+1)·P, numel)) of the parameter in ``p.ds_tensor`` (P the partition size, the
 last partition padded). Under stage 0 a rank holds the whole parameter: the range is [0, numel).
-The optimizer edits ``ParamShard.local()`` in place and nothing else.
+The shard writer (``writer.py``) edits ``ParamShard.local()`` in place and nothing else.
 
 With ``offload_param: {"device": "nvme"}`` (ZeRO-Infinity) a partition of at least 1 MiB lives in
 a swap file, and ``p.ds_tensor`` is a 1-element placeholder between forwards. Such a shard is
