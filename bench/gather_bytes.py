@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch.distributed as dist
-from harness.report import command_line, publish, table
+from harness.report import command_line, table
 from harness.steps import UNFUSED, Row, parse_args, run_all, setup_note
-from harness.workers import exit_cleanly, run_or_exit, show_progress, wall_seconds
+from harness.workers import run_launched
 
-from subzero_ds.distributed import init_distributed
 
 TARGET = 0.55  # fused ÷ in-place all-gathered bytes per step
 
@@ -72,12 +70,7 @@ def main() -> None:
     """Run every (model, dtype, method) in place and fused in fresh workers; rank 0 writes the report."""
     args = parse_args(description=__doc__.split("\n\n")[0], method=["subzero"], steps=1, warmup=1,
                       output=Path("bench/results/gather_bytes.md"))
-    show_progress()
-    init_distributed()
-    rows = run_or_exit(lambda: run_all(args))
-    if dist.get_rank() == 0:
-        publish(markdown_report(rows, args, dist.get_world_size(), wall_seconds()), args.output, "gather_bytes")
-    exit_cleanly(0)
+    run_launched(args, run_all, markdown_report, "gather_bytes")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,10 @@ import argparse
 import os
 from pathlib import Path
 
-import torch.distributed as dist
-from harness.report import command_line, device_note, per_rank, publish
+from harness.report import command_line, device_note, per_rank
 from harness.steps import FIRST_ORDER, Row, method_label, models_note, parse_args as parse_step_args, run_all
-from harness.workers import exit_cleanly, run_or_exit, show_progress, wall_seconds
+from harness.workers import run_launched
 
-from subzero_ds.distributed import init_distributed
 
 TARGET = 0.35
 
@@ -117,13 +115,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
 def main() -> None:
     """Run every configuration in fresh workers; rank 0 prints the report and writes it."""
     args = parse_args()
-    show_progress()
-    init_distributed()
-    rows = run_or_exit(lambda: run_all(args))
-    if dist.get_rank() == 0:
-        report = markdown_report(rows, args, dist.get_world_size(), wall_seconds())
-        publish(report, args.output, "memory_vs_first_order")
-    exit_cleanly(0)
+    run_launched(args, run_all, markdown_report, "memory_vs_first_order")
 
 
 if __name__ == "__main__":

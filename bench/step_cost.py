@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch.distributed as dist
-from harness.report import command_line, publish, table
+from harness.report import command_line, table
 from harness.steps import (
     BREAKDOWN,
     DEFAULT_BATCH_SIZE,
@@ -52,9 +51,8 @@ from harness.steps import (
     run_all,
     setup_note,
 )
-from harness.workers import exit_cleanly, run_or_exit, show_progress, wall_seconds
+from harness.workers import run_launched
 
-from subzero_ds.distributed import init_distributed
 
 TARGET_RATIO = {"in-place": 1.15, "fused": 1.0}  # SubZero step ÷ two plain forwards
 
@@ -137,12 +135,7 @@ def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, 
 def main() -> None:
     """Entry point of the launched process (one per rank); the workers run ``harness.step_worker``."""
     args = parse_args(description=__doc__.split("\n\n")[0])
-    show_progress()
-    init_distributed()
-    rows = run_or_exit(lambda: run_all(args))
-    if dist.get_rank() == 0:
-        publish(markdown_report(rows, args, dist.get_world_size(), wall_seconds()), args.output, "step_cost")
-    exit_cleanly(0)
+    run_launched(args, run_all, markdown_report, "step_cost")
 
 
 if __name__ == "__main__":

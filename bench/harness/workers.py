@@ -18,7 +18,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from subzero_ds.distributed import exit_process, free_port, log
+from subzero_ds.distributed import exit_process, free_port, init_distributed, log
 
 T = TypeVar("T")
 BENCH = Path(__file__).resolve().parents[1]  # bench/: a worker imports this package from there
@@ -131,3 +131,16 @@ def run_or_exit(run: Callable[[], T]) -> T:
     except RuntimeError as error:
         log(str(error), all_ranks=True)
         exit_cleanly(1)
+
+
+def run_launched(args: Any, run_all: Callable[[Any], list], report: Callable[..., str], name: str) -> None:
+    """The launched process of a benchmark (one per rank): ``run_all(args)`` runs every case in fresh
+    workers; rank 0 renders ``report(rows, args, world_size, wall_seconds)`` and publishes it."""
+    from harness.report import publish
+
+    show_progress()
+    init_distributed()
+    rows = run_or_exit(lambda: run_all(args))
+    if dist.get_rank() == 0:
+        publish(report(rows, args, dist.get_world_size(), wall_seconds()), args.output, name)
+    exit_cleanly(0)

@@ -102,20 +102,27 @@ _METHODS: dict[str, MethodSpec] = {}
 _UPDATES: dict[str, UpdateSpec] = {}
 
 
+def _add(registry: dict, spec, kind: str):
+    if spec.name in registry:
+        raise ValueError(f"{kind} {spec.name!r} is registered twice")
+    registry[spec.name] = spec
+    return spec
+
+
+def _lookup(registry: dict, name: str, kind: str):
+    if name not in registry:
+        raise KeyError(f"unknown {kind} {name!r}; known: {', '.join(registry)}")
+    return registry[name]
+
+
 def register_method(spec: MethodSpec) -> MethodSpec:
     """Add a method (called once, by its file)."""
-    if spec.name in _METHODS:
-        raise ValueError(f"ZO method {spec.name!r} is registered twice")
-    _METHODS[spec.name] = spec
-    return spec
+    return _add(_METHODS, spec, "ZO method")
 
 
 def register_update(spec: UpdateSpec) -> UpdateSpec:
     """Add an update rule (called once, by its file)."""
-    if spec.name in _UPDATES:
-        raise ValueError(f"update rule {spec.name!r} is registered twice")
-    _UPDATES[spec.name] = spec
-    return spec
+    return _add(_UPDATES, spec, "update rule")
 
 
 def method(name: str) -> MethodSpec:
@@ -124,9 +131,7 @@ def method(name: str) -> MethodSpec:
     Raises:
         KeyError: no such method (the message lists the known ones).
     """
-    if name not in _METHODS:
-        raise KeyError(f"unknown ZO method {name!r}; known: {', '.join(method_names())}")
-    return _METHODS[name]
+    return _lookup(_METHODS, name, "ZO method")
 
 
 def update(name: str) -> UpdateSpec:
@@ -135,9 +140,7 @@ def update(name: str) -> UpdateSpec:
     Raises:
         KeyError: no such rule (the message lists the known ones).
     """
-    if name not in _UPDATES:
-        raise KeyError(f"unknown update rule {name!r}; known: {', '.join(update_names())}")
-    return _UPDATES[name]
+    return _lookup(_UPDATES, name, "update rule")
 
 
 def method_names() -> list[str]:

@@ -76,21 +76,10 @@ class FirstOrderEngine:
         self.accumulation_steps = int(self.ds_engine.gradient_accumulation_steps())
         self.global_step = 0
         self._micro_batch, self._loss_sum = 0, 0.0
-
-    @property
-    def module(self) -> nn.Module:
-        """The wrapped model."""
-        return self.ds_engine.module
-
-    @property
-    def device(self) -> torch.device:
-        """This rank's device."""
-        return torch.device(self.ds_engine.device)
-
-    @property
-    def monitor(self) -> Any:
-        """DeepSpeed's monitor (TensorBoard/CSV/W&B)."""
-        return self.ds_engine.monitor
+        # What the loop reads (TrainingEngine); fixed once DeepSpeed has wrapped the model.
+        self.module: nn.Module = self.ds_engine.module
+        self.device = torch.device(self.ds_engine.device)
+        self.monitor = self.ds_engine.monitor
 
     def step(self, batch: Any) -> dict[str, Any]:
         """Forward, backward and (at the step's last micro-batch) DeepSpeed's optimizer step.
