@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.report import command_line, table
+from harness.report import heading, table
 from harness.steps import UNFUSED, Row, parse_args, run_all, setup_note
 from harness.workers import run_launched
 
@@ -36,14 +36,8 @@ def pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
 
 def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, wall_s: float) -> str:
     """Per (model, dtype, method): MiB all-gathered per step in place and fused, their ratio, and the verdict."""
-    lines = [
-        "# Communication: bytes all-gathered per ZO step, fused vs in place",
-        "",
-        f"Command: `{command_line(world_size, 'bench/gather_bytes.py')}`",
-        "",
-        setup_note(rows, args, world_size, wall_s),
-        "",
-    ]
+    lines = heading("Communication: bytes all-gathered per ZO step, fused vs in place", world_size,
+                    "bench/gather_bytes.py", setup_note(rows, args, world_size, wall_s))
     cells = []
     for in_place, fused in pairs(rows):
         c, ratio = fused.configuration, fused.gathered_mib / max(in_place.gathered_mib, 1e-30)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 
-from harness.report import command_line, table
+from harness.report import heading, table
 from harness.steps import (
     BREAKDOWN,
     DEFAULT_BATCH_SIZE,
@@ -104,12 +104,8 @@ def verdicts(rows: list[Row], args: argparse.Namespace) -> str:
 def markdown_report(rows: list[Row], args: argparse.Namespace, world_size: int, wall_s: float) -> str:
     """The cost table with its targets, then the phase table, each with how it was measured."""
     lines = [
-        "# ZO step cost vs. two plain forward passes",
-        "",
-        f"Command: `{command_line(world_size)}`",
-        "",
-        setup_note(rows, args, world_size, wall_s) + (" " + batch_note(args.batch_size)).rstrip(),
-        "",
+        *heading("ZO step cost vs. two plain forward passes", world_size, "bench/step_cost.py",
+                 setup_note(rows, args, world_size, wall_s) + (" " + batch_note(args.batch_size)).rstrip()),
         *cost_table(rows),
         "",
         verdicts(rows, args),

@@ -46,6 +46,11 @@ def command_line(world_size: int, script: str = "bench/step_cost.py") -> str:
     return " ".join(["deepspeed", "--num_gpus", str(world_size), script, *options])
 
 
+def heading(title: str, world_size: int, script: str, setup: str) -> list[str]:
+    """A report's first lines: its title, the command that reproduces it, and how it was set up."""
+    return [f"# {title}", "", f"Command: `{command_line(world_size, script)}`", "", setup, ""]
+
+
 def device_note() -> str:
     """What ran the benchmark: CPU + gloo, or the GPU model + NCCL."""
     if torch.cuda.is_available():
