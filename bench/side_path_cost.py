@@ -8,7 +8,7 @@ For the doubled batch of ``bench/step_cost.py`` (2 × 16 × 128 rows) and OPT-12
 SubZero rank 24, it times (best of 3): the Linear's own matmul; the side path as
 ``subzero_ds/fused.py`` first applied it (input upcast to fp32, a full-size fp32
 ``delta = ((x V) ⊙ ±ε) R``, then ``output.add_(delta)``); and the same product accumulated into
-the output with ``output.addmm_`` (no full-size temporary), as ``fused.py`` now does. Times are multiplied by how often the shape occurs
+the output with ``output.addmm_`` (no full-size temporary), as ``subzero_ds/fused/side_paths.py`` now does. Times are multiplied by how often the shape occurs
 in the model (12 fc1, 48 attention projections, 1 LM head). ``--rows`` (default 4096) and
 ``--repeats`` (default 3) shrink it for a smoke test; ``--output`` also writes the lines to a file.
 """

@@ -10,7 +10,7 @@ call as usual) and each chunk of rows is projected, upcast and scored, so at mos
 
 A loss function whose value is this loss (for batches :func:`scores_language_model` accepts) says
 so with the attribute ``computes_language_model_loss = True``: the fused ± pass then scores both
-halves of its doubled batch inside the head the same way (``fused.py``). The engine's default,
+halves of its doubled batch inside the head the same way (``fused/``). The engine's default,
 :func:`model_loss`, and the CLI's LM training both do.
 """
 

@@ -7,7 +7,7 @@ the estimator's order, and leave θ where the update expects it:
 - :class:`InPlaceProbes` writes θ ± εD into the shards before each forward, from a backup of θ
   taken at the step's first micro-batch; the update then reads θ from that backup.
 - :class:`FusedProbes` never touches the shards: one forward over the doubled batch [B; B] gives
-  ℓ+ and ℓ− of a query, side paths adding ±εD's contribution to each half (``fused.py``); the
+  ℓ+ and ℓ− of a query, side paths adding ±εD's contribution to each half (``fused/``); the
   update reads θ from the shards.
 """
 
