@@ -48,7 +48,7 @@ from .architectures import Architecture
 from .settings import GiB, BatchShape, Cluster, Offload, ZeroSettings
 
 # Chunk sizes of subzero_ds.loss and subzero_ds.fused, repeated here so the planner does not import
-# the training code (the fused pass imports transformers); tests/unit/test_memory.py checks they agree.
+# the training code (the fused pass imports transformers); tests/memory/test_memory.py checks they agree.
 LOSS_CHUNK_ELEMENTS = 1 << 22
 SIDE_PATH_UPCAST_ELEMENTS = 1 << 22  # subzero_ds.fused.UPCAST_CHUNK_ELEMENTS
 

@@ -11,7 +11,7 @@ from launch import REPO, run
 from trajectory_compare import assert_same_trajectory
 
 pytestmark = pytest.mark.distributed
-SCRIPT = str(REPO / "tests" / "distributed" / "architecture_trajectories.py")
+SCRIPT = str(REPO / "tests" / "distributed" / "launching" / "architecture_trajectories.py")
 
 
 def trajectories(tmp_path_factory, launcher: str, nprocs: int) -> dict:
@@ -54,7 +54,7 @@ def load_measurements(tmp_path_factory):
     # 6 layers of width 128: the largest parameter is a few % of the model, so "whole" and "half" are far apart.
     save_tiny_pretrained(root / "model", "llama", ["a great film", "a dull film", "It was great terrible"] * 5,
                          hidden=128, layers=6)
-    finished = run("ranks", 2, str(REPO / "tests" / "distributed" / "load_partitioning.py"),
+    finished = run("ranks", 2, str(REPO / "tests" / "distributed" / "launching" / "load_partitioning.py"),
                    "--model", str(root / "model"), "--train_file", str(root / "train.tsv"), "--out", str(root))
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return [json.loads((root / f"rank-{rank}.json").read_text()) for rank in (0, 1)]

@@ -11,7 +11,7 @@ from launch import REPO, RENDEZVOUS_VARIABLES, run
 from subzero_ds.distributed import free_port
 
 pytestmark = pytest.mark.distributed
-SCRIPT = str(REPO / "tests" / "distributed" / "trajectory.py")
+SCRIPT = str(REPO / "tests" / "distributed" / "launching" / "trajectory.py")
 
 
 def clean_env() -> dict:

@@ -5,21 +5,12 @@ mpirun runs the same cases in test_two_nodes.py (two nodes, a hostfile) against 
 import pytest
 import torch
 
-from launch import REPO, run
+from launch import REPO, run, trajectories
 from trajectory import CASES
 from trajectory_compare import assert_same_trajectory
 
 pytestmark = pytest.mark.distributed
-SCRIPT = str(REPO / "tests" / "distributed" / "trajectory.py")
-
-
-def trajectories(tmp_path_factory, launcher: str, nprocs: int) -> dict:
-    out = tmp_path_factory.mktemp(launcher) / "trajectories.pt"
-    finished = run(launcher, nprocs, SCRIPT, "--out", str(out))
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    saved = torch.load(out)
-    assert saved["world_size"] == nprocs
-    return saved["results"]
+SCRIPT = str(REPO / "tests" / "distributed" / "launching" / "trajectory.py")
 
 
 @pytest.fixture(scope="module")

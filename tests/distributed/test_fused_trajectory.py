@@ -10,7 +10,7 @@ from trajectory import CASES
 from trajectory_compare import assert_same_trajectory
 
 pytestmark = pytest.mark.distributed
-SCRIPT = str(REPO / "tests" / "distributed" / "trajectory.py")
+SCRIPT = str(REPO / "tests" / "distributed" / "launching" / "trajectory.py")
 
 
 def trajectories(tmp_path_factory, launcher: str, nprocs: int, fused: bool) -> dict:

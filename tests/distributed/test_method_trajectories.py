@@ -13,7 +13,7 @@ from launch import run
 from method_trajectories import CASES, STEPS
 
 pytestmark = pytest.mark.distributed
-SCRIPT = "tests/distributed/method_trajectories.py"
+SCRIPT = "tests/distributed/launching/method_trajectories.py"
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -1,6 +1,6 @@
 """Parameter offload (``offload_param`` to "cpu" and to "nvme") follows the same trajectory as none.
 
-Three 2-rank launches of tests/distributed/trajectory.py (no offload, cpu, nvme), each running
+Three 2-rank launches of tests/distributed/launching/trajectory.py (no offload, cpu, nvme), each running
 SubZero and MeZO on OPT and LLaMA with persistent parameters (threshold 1e5) and SubZero on a
 fully partitioned LLaMA (threshold 0). DeepSpeed swaps a partition to NVMe only from 1 MiB up,
 so the models here get a vocabulary of 8192: each rank's half of an 8192×64 embedding (and of

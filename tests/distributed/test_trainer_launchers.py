@@ -10,7 +10,7 @@ import torch
 from launch import BIN, run
 
 pytestmark = pytest.mark.distributed
-SCRIPT = "tests/distributed/trainer_equivalence.py"
+SCRIPT = "tests/distributed/launching/trainer_equivalence.py"
 
 
 # 2 ranks with accumulation 2 is the case where the Trainer's and the engine's micro-batch counting could part.

@@ -34,7 +34,7 @@ from launch import BIN, RENDEZVOUS_VARIABLES, REPO, run
 from trajectory_compare import assert_same_trajectory
 
 pytestmark = pytest.mark.distributed
-SCRIPT = str(REPO / "tests" / "distributed" / "trajectory.py")
+SCRIPT = str(REPO / "tests" / "distributed" / "launching" / "trajectory.py")
 CASES = ("opt-zero3-subzero", "llama-zero3-mezo")
 STEPS = 20
 LINK = "szlink"  # the inter-node interface, named alike on both nodes like eth1 on a cluster

@@ -2,7 +2,7 @@
 
 ``scripts/gpu_check.sh`` runs this file on a GPU machine. Each test names the claim it checks;
 on a CPU-only machine the placement is checked with fake tensors instead
-(``tests/unit/test_placement.py``).
+(``tests/engine/test_placement.py``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_cpu_offload_follows_the_same_trajectory(fused):
 
 def _trajectory(launcher: list[str], out: Path, cases: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    script = str(REPO / "tests" / "distributed" / "trajectory.py")
+    script = str(REPO / "tests" / "distributed" / "launching" / "trajectory.py")
     done = subprocess.run([*launcher, script, "--out", str(out), "--cases", *cases], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]

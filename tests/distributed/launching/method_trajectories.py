@@ -1,6 +1,6 @@
 """Trajectories of every ZO method on a tiny model (rank 0 saves losses and final weights).
 
-Launched by tests/distributed/test_methods.py on 1 rank and on 2 ranks (deepspeed launcher); each
+Launched by tests/distributed/test_method_trajectories.py on 1 rank and on 2 ranks (deepspeed launcher); each
 rank trains on its equal share of the same global batch, so both launches must follow the same
 trajectory. With --resume_at N the run checkpoints at step N into --checkpoint, and with
 --resume_from it continues from there instead of starting over (possibly on another world size).
@@ -29,7 +29,7 @@ CASES = {
     "sparse-mezo": ({"method": "sparse_mezo", "lr": 2e-4, "mask_interval": 5}, {}),
     "subzero-accumulation": ({"lr": 2e-4}, {"gradient_accumulation_steps": 2}),
 }
-# Every other registered method, with its defaults (MeZO's plain trajectory is tests/distributed/trajectory.py's).
+# Every other registered method, with its defaults (MeZO's plain trajectory is trajectory.py's, beside this file).
 CASES.update({f"{name}-default": ({"method": name, "lr": 2e-4}, {}) for name in registry.method_names()
               if name not in {"subzero", "mezo", *(case.get("method") for case, _ in CASES.values())}})
 

@@ -15,7 +15,7 @@ from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds.train import is_masked_lm, parse_args
 
 
-# As tests/unit/test_fused.py: lr 1e-4 keeps fp32 rounding of ℓ± (|Δg| ~ 5e-4) at ~1e-8 of the weights per step,
+# As tests/fused/test_fused.py: lr 1e-4 keeps fp32 rounding of ℓ± (|Δg| ~ 5e-4) at ~1e-8 of the weights per step,
 # while a wrong direction moves them by lr·|g|·|d| ~ 1e-4, far above the 1e-5 bound.
 def make_config(fused: bool, method: str = "subzero") -> dict:
     return {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

@@ -8,9 +8,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from subzero_ds.distributed import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
+TRAJECTORY = str(Path(__file__).resolve().parent / "trajectory.py")
 BIN = Path(sys.executable).parent
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -80,3 +83,14 @@ def run_ranks(nprocs: int, args: tuple[str, ...], env: dict[str, str], timeout: 
         stdout = "".join(out.read_text() for out, _ in logs)
         stderr = "".join(err.read_text() for _, err in logs)
     return subprocess.CompletedProcess(command, failed or 0, stdout, stderr)
+
+
+def trajectories(tmp_path_factory, launcher: str, nprocs: int) -> dict:
+    """Every case of trajectory.py under ``launcher`` on ``nprocs`` ranks: its results, by case (the 1-rank
+    reference of the ``one_rank`` fixture, and test_equivalence.py's 2 ranks)."""
+    out = tmp_path_factory.mktemp(launcher) / "trajectories.pt"
+    finished = run(launcher, nprocs, TRAJECTORY, "--out", str(out))
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    saved = torch.load(out)
+    assert saved["world_size"] == nprocs
+    return saved["results"]
