@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from launch import run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM

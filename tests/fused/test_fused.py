@@ -11,7 +11,7 @@ import subzero_ds
 from subzero_ds.adapters import Tuning, add_adapter
 from helpers.configs import zo_section
 from subzero_ds.probes import FusedProbes, InPlaceProbes
-from helpers.tiny import pattern_batch, tiny_config, tiny_model
+from helpers.tiny import pattern_batch, tiny_model
 from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds import fused as fused_module
 from subzero_ds.fused import FusedPassError

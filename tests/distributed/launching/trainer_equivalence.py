@@ -6,7 +6,6 @@ final weights and the Trainer's log history.
 """
 
 import argparse
-import json
 
 import torch
 from datasets import Dataset
