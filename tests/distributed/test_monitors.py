@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
-from launch import run
+from cli_runs import NEGATIVE, POSITIVE, read_metrics, train_command
 from helpers.tiny import save_tiny_pretrained
-from test_train_cli import NEGATIVE, POSITIVE, read_metrics, train_command
+from launch import run
 
 pytestmark = pytest.mark.distributed
 
