@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from .kernels.build_locks import clear_stale_build_locks
+
 logger = logging.getLogger("subzero_ds")
 
 # Set by torchrun/deepspeed (RANK), Open MPI, MPICH/Intel MPI (PMI_RANK) and slurm.
@@ -55,6 +57,10 @@ def init_distributed() -> None:
 
     A plain ``python`` process (no launcher variables) becomes a 1-rank group on a free local
     port, so it never collides with another job's default port 29500.
+
+    Raises:
+        BuildLockError: a JIT build lock that may be stale but cannot be cleared safely (see
+            :mod:`subzero_ds.kernels.build_locks`).
     """
     if dist.is_initialized():
         return
@@ -64,6 +70,7 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     _share_cores_between_local_ranks()
     _select_local_device()
+    clear_stale_build_locks()  # deepspeed.init_distributed JIT-builds its shm comm op: a stale lock hangs it forever
     import deepspeed
 
     # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to this argument (default 29500), ignoring

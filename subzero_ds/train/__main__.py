@@ -10,13 +10,14 @@ from subzero_ds.checkpoint.sharded import CheckpointError
 from subzero_ds.config import ConfigError
 from subzero_ds.distributed import exit_process, is_local_main_process
 from subzero_ds.engine import NonFiniteLossError
+from subzero_ds.kernels.build_locks import BuildLockError
 from subzero_ds.tasks import DataError
 
 from .args import UsageError, parse_args
 from .recipe import train
 
 # Mistakes a user fixes by changing an argument, a config or a file: reported in one paragraph, exit code 2.
-USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError)
+USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, NonFiniteLossError, BuildLockError, OSError)
 
 
 def main(argv: list[str] | None = None) -> None:
