@@ -64,6 +64,9 @@ class TrainingEngine(Protocol):
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Continue from the checkpoint at ``path``; returns its ``extra`` state. Every rank calls it."""
 
+    def checkpoint_bytes(self) -> int:
+        """Bytes one checkpoint takes on disk, all ranks' files together (0: this engine writes none). Every rank calls it."""
+
     def save_model(self, path: Path) -> None:
         """The trained model (full weights, or the peft adapter) for ``from_pretrained``. Every rank calls it."""
 
@@ -102,6 +105,9 @@ class ZOEngine:
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         return self.engine.load_checkpoint(path)
+
+    def checkpoint_bytes(self) -> int:
+        return self.engine.checkpoint_bytes()
 
     def save_model(self, path: Path) -> None:
         save_model(self.module, path)

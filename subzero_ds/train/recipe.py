@@ -1,7 +1,8 @@
 """The run behind subzero-train: named setup steps, then the training loop.
 
     train(args):  engine_config → setup_data → setup_model + build_engine → setup_batches → setup_resume
-                  → setup_metrics → zero-shot evaluation → fit (the loop) → final evaluation → save_final
+                  → setup_metrics → warn_if_disk_short → zero-shot evaluation → fit (the loop) → final evaluation
+                  → save_final
 
 Every rank runs it. The engine is a :class:`~.engines.TrainingEngine`, ZO or first-order: the loop
 does not know which.
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from subzero_ds.adapters import add_adapter, is_peft_model, merge_adapter
-from subzero_ds.checkpoint.sharded import CheckpointError, latest_checkpoint
+from subzero_ds.checkpoint.sharded import CheckpointError, checkpoint_space_warning, latest_checkpoint
 from subzero_ds.distributed import get_world_size_and_rank, init_distributed, is_main_process, log
 from subzero_ds.loss import LossFn, language_model_loss
 from subzero_ds.tasks import DataError, Sample, Task, TaskKind
@@ -67,6 +68,7 @@ def train(args: Args) -> dict[str, Any]:
     batches = setup_batches(args, data, model, engine, per_device)
     resumed = setup_resume(args, engine, batches.state)
     metrics = setup_metrics(args, engine, resumed)
+    warn_if_disk_short(args, engine)
     world_size = batches.world_size
 
     def evaluate(samples: list[Sample], step: int) -> dict[str, float]:
@@ -118,26 +120,28 @@ def fit(args: Args, engine: TrainingEngine, batches: RankBatches, metrics: Metri
     progress = tqdm(total=args.train.max_steps, initial=first_step - 1, desc=f"{engine.description} steps",
                     disable=not is_main_process(), dynamic_ncols=True)
     throughput = Throughput(engine.forwards_per_micro_batch, batches.world_size)
-    for step in range(first_step, args.train.max_steps + 1):
-        for batch in batches.of_step(step):
-            row = engine.step(batch)
-            throughput.count(batch)
-        progress.update(1)
-        out_of_time = clock.out_of(args.train.max_train_seconds)  # every rank stops together
-        if out_of_time:
-            last_step = step
-        if step % log_steps == 0 or step == last_step:
-            row = {"step": step, **row, **throughput.row(steps=(step - 1) % log_steps + 1)}
-            metrics.write(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
-        if eval_steps and step % eval_steps == 0 and step != last_step:
-            evaluate_dev(step)
-        if save_steps and step % save_steps == 0:
-            save_checkpoint()
-        if out_of_time:
-            log(f"--max_train_seconds {args.train.max_train_seconds:g} reached after step {step}")
-            break
-    progress.close()
+    try:
+        for step in range(first_step, args.train.max_steps + 1):
+            for batch in batches.of_step(step):
+                row = engine.step(batch)
+                throughput.count(batch)
+            progress.update(1)
+            out_of_time = clock.out_of(args.train.max_train_seconds)  # every rank stops together
+            if out_of_time:
+                last_step = step
+            if step % log_steps == 0 or step == last_step:
+                row = {"step": step, **row, **throughput.row(steps=(step - 1) % log_steps + 1)}
+                metrics.write(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            if eval_steps and step % eval_steps == 0 and step != last_step:
+                evaluate_dev(step)
+            if save_steps and step % save_steps == 0:
+                save_checkpoint()
+            if out_of_time:
+                log(f"--max_train_seconds {args.train.max_train_seconds:g} reached after step {step}")
+                break
+    finally:
+        progress.close()  # also when a fault stops the loop: its message then starts on a line of its own
     return last_step
 
 
@@ -215,6 +219,15 @@ def setup_metrics(args: Args, engine: TrainingEngine, resumed: dict[str, Any] | 
     args.output.output_dir.mkdir(parents=True, exist_ok=True)
     return MetricsLog(args.output.output_dir / "metrics.jsonl", engine.monitor,
                       after_step=engine.global_step if resumed is not None else None)
+
+
+def warn_if_disk_short(args: Args, engine: TrainingEngine) -> None:
+    """Warn at start when --output_dir cannot hold --save_total_limit + 1 checkpoints and the final model."""
+    checkpoint = engine.checkpoint_bytes() if args.train.save_steps else 0  # collective: before the rank-0 test
+    final = models.saved_model_bytes(engine.module, merged=args.adapter.merge_adapter)
+    warning = checkpoint_space_warning(args.output.output_dir, checkpoint, args.train.save_total_limit, final)
+    if warning is not None:
+        log(f"warning: {warning}")
 
 
 def save_final(args: Args, engine: TrainingEngine, model: Model) -> None:
