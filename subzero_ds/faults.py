@@ -3,11 +3,23 @@
 A scheduler or a wrapper script acts on the exit status alone (requeue, page someone, give up), so every
 fault a user or operator can act on has its own code, the same from every rank and under every launcher
 that passes a rank's status on (deepspeed, srun, mpirun).
+
+Preemption: slurm (at a time limit, or ``--signal=USR1@N`` before it) and Kubernetes (on eviction) send
+SIGTERM or SIGUSR1 and kill the job a grace period later. :class:`PreemptionSignals` only records the
+signal; the training loop asks, after every step, whether any rank received one (an all-reduce of one
+flag: the signal reaches ranks at different moments, or only some of them), so every rank stops after the
+same step, writes a checkpoint and exits with :attr:`ExitCode.PREEMPTED`.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from enum import IntEnum
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from .distributed import all_gather_objects, log, sum_over_ranks
 
 
 class ExitCode(IntEnum):
@@ -17,6 +29,56 @@ class ExitCode(IntEnum):
     ERROR = 1  # an unexpected error: a traceback (Python's own status for an uncaught exception)
     USAGE = 2  # a mistake in an argument, the config, the data or a checkpoint: one message names it
     DISK_FULL = 3  # a checkpoint or the final model did not fit on the disk; earlier checkpoints are intact
+    PREEMPTED = 4  # SIGTERM/SIGUSR1: stopped after a step with a checkpoint; requeue and --resume
 
 
-__all__ = ["ExitCode"]
+class PreemptionSignals:
+    """SIGTERM and SIGUSR1 recorded instead of ending the process, while the context is active.
+
+    A second signal (say, a launcher passing the scheduler's on) is only noted: the checkpoint being
+    written is finished first. Outside the main thread (where Python cannot install handlers) nothing
+    is caught, and each signal keeps its default action.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the first signal's name
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _record(self, number: int, frame: FrameType | None) -> None:
+        name = signal.Signals(number).name
+        if self.received is None:
+            self.received = name
+            log(f"{name} received: stopping after this step with a checkpoint", all_ranks=True)
+        else:
+            log(f"{name} received again: the checkpoint is finished first", all_ranks=True)
+
+    def agreed(self) -> str | None:
+        """The signal(s) any rank received (e.g. "SIGTERM"), or None. Collective: every rank calls it after each step."""
+        (count,) = sum_over_ranks(1.0 if self.received else 0.0)
+        if count == 0:
+            return None
+        return "/".join(sorted({name for name in all_gather_objects(self.received) if name}))
+
+
+class Preempted(Exception):
+    """The run stopped on a preemption signal after ``step``, with ``checkpoint`` written."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name} received: stopped after step {step} and wrote {checkpoint}. Run the same "
+                         "command with --resume to continue (launch/slurm.sbatch requeues the job and does so).")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+__all__ = ["ExitCode", "PreemptionSignals", "Preempted"]

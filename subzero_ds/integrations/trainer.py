@@ -25,6 +25,8 @@ What happens underneath:
   ``train(resume_from_checkpoint=...)`` continues bit-exactly. Full weights are not gathered into
   every checkpoint (``subzero-export checkpoint-N/zo/checkpoint-N`` writes them);
   ``save_model()`` writes weights ``from_pretrained`` loads (a PEFT model: its adapter).
+- Preemption (``train``): on SIGTERM/SIGUSR1 every rank finishes its step, the Trainer saves
+  ``checkpoint-N`` and the process exits with code 4.
 - Refused with one clear error each: ``optimizers=`` (a ZO run has no first-order optimizer),
   ``fp16`` (loss scaling has no place in ZO; use bf16 or fp32), a DeepSpeed ``optimizer`` or
   ``scheduler`` block, and no ``"subzero"`` section.
@@ -34,16 +36,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import subzero_ds
 
 from ..config import SECTION, ConfigError, load_ds_config, parse_config
-from ..distributed import barrier, is_main_process
+from ..distributed import barrier, exit_process, is_local_main_process, is_main_process
+from ..faults import ExitCode, PreemptionSignals
 from ..loss import model_loss
 
 ZO_CHECKPOINT_DIR = "zo"
@@ -112,6 +117,35 @@ class ZOTrainer(Trainer):
 
     def _user_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self.compute_loss(model, batch)
+
+    # ---- faults: preemption ----
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, ending the process cleanly when the job is preempted.
+
+        On SIGTERM/SIGUSR1 (slurm, Kubernetes) every rank finishes its step, the checkpoint is saved
+        through the Trainer's own save path (``checkpoint-N`` with ``zo/``), and the process exits with
+        code 4 (:attr:`~subzero_ds.faults.ExitCode.PREEMPTED`); the requeued script continues with
+        ``train(resume_from_checkpoint=True)``.
+
+        Takes and returns what ``Trainer.train`` does.
+        """
+        watch = _FaultWatch()
+        self.add_callback(watch)
+        try:
+            with PreemptionSignals() as watch.signals:
+                output = super().train(*args, **kwargs)
+        finally:
+            self.remove_callback(watch)
+        if watch.signal_name is not None:
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if is_local_main_process():  # printed: a script's logging may not show INFO
+                print(f"ZOTrainer: {watch.signal_name} received: stopped after step {self.state.global_step} and "
+                      f"saved {checkpoint}. Run the script again with trainer.train(resume_from_checkpoint=True) to "
+                      "continue.", file=sys.stderr, flush=True)
+            barrier()  # the group is healthy: every rank leaves together
+            exit_process(ExitCode.PREEMPTED)
+        return output
 
     # ---- the step ----
 
@@ -190,6 +224,22 @@ class ZOTrainer(Trainer):
         if is_main_process() and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         barrier()
+
+
+class _FaultWatch(TrainerCallback):
+    """After each optimizer step every rank agrees whether any got a stop signal; if so the Trainer saves and stops."""
+
+    def __init__(self) -> None:
+        self.signals: PreemptionSignals | None = None
+        self.signal_name: str | None = None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        if self.signals is not None and self.signal_name is None:
+            self.signal_name = self.signals.agreed()  # collective: every rank asks after the same step
+        if self.signal_name is not None:
+            control.should_save = control.should_training_stop = True  # the Trainer's own save path, then stop
+        return control
 
 
 __all__ = ["ZOTrainer"]

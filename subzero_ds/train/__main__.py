@@ -8,9 +8,9 @@ import time
 
 from subzero_ds.checkpoint.sharded import CheckpointError, DiskFullError, is_disk_full
 from subzero_ds.config import ConfigError
-from subzero_ds.distributed import exit_process, is_local_main_process
+from subzero_ds.distributed import barrier, exit_process, is_local_main_process
 from subzero_ds.engine import NonFiniteLossError
-from subzero_ds.faults import ExitCode
+from subzero_ds.faults import ExitCode, Preempted
 from subzero_ds.kernels.build_locks import BuildLockError
 from subzero_ds.tasks import DataError
 
@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(ExitCode.USAGE)  # no process group, model or output exists yet: a plain exit
     try:
         train(args)
+    except Preempted as stop:
+        if is_local_main_process():
+            print(f"subzero-train: {stop}", file=sys.stderr, flush=True)
+        barrier()  # the group is healthy: every rank leaves together, so no launcher cuts the message short
+        exit_process(ExitCode.PREEMPTED)
     except Exception as e:  # noqa: BLE001 - anything not named below keeps its traceback
         if is_disk_full(e):  # a checkpoint's DiskFullError, or the final model's raw OSError/SafetensorError
             _report(e if isinstance(e, DiskFullError) else DiskFullError(

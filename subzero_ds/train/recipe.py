@@ -4,12 +4,16 @@
                   → setup_metrics → warn_if_disk_short → zero-shot evaluation → fit (the loop) → final evaluation
                   → save_final
 
+ZO runs catch SIGTERM/SIGUSR1 throughout: after every step the ranks agree whether one arrived, and if so
+they write a checkpoint and stop together (``Preempted``; subzero_ds.faults).
+
 Every rank runs it. The engine is a :class:`~.engines.TrainingEngine`, ZO or first-order: the loop
 does not know which.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from subzero_ds.adapters import add_adapter, is_peft_model, merge_adapter
-from subzero_ds.checkpoint.sharded import CheckpointError, checkpoint_space_warning, latest_checkpoint
+from subzero_ds.checkpoint.sharded import CheckpointError, checkpoint_dir, checkpoint_space_warning, latest_checkpoint
 from subzero_ds.distributed import get_world_size_and_rank, init_distributed, is_main_process, log
+from subzero_ds.faults import Preempted, PreemptionSignals
 from subzero_ds.loss import LossFn, language_model_loss
 from subzero_ds.tasks import DataError, Sample, Task, TaskKind
 from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch
@@ -57,7 +62,19 @@ class Model:
 
 
 def train(args: Args) -> dict[str, Any]:
-    """Train as ``args`` (validated) say; write metrics.jsonl, final/ and eval_results.json; return the results."""
+    """Train as ``args`` (validated) say; write metrics.jsonl, final/ and eval_results.json; return the results.
+
+    Raises:
+        Preempted: SIGTERM/SIGUSR1 reached a rank (ZO runs); every rank stopped after the same step with a checkpoint.
+    """
+    # ZO runs catch stop signals from the start: one during the set-up also ends in a checkpoint. A first-order
+    # baseline writes none, so a signal ends it as it ends any process.
+    signals = contextlib.nullcontext() if args.train.first_order else PreemptionSignals()
+    with signals as stop_signals:
+        return _train(args, stop_signals)
+
+
+def _train(args: Args, stop_signals: PreemptionSignals | None) -> dict[str, Any]:
     config = engine_config(args.train)  # fails before any loading
     init_distributed()
     data = setup_data(args)
@@ -90,12 +107,12 @@ def train(args: Args) -> dict[str, Any]:
     first_step = engine.global_step + 1
     clock = TrainingTime(before=resumed.get("train_seconds") if resumed is not None else 0.0)
 
-    def save_checkpoint() -> None:
-        engine.save_checkpoint(args.output.output_dir / "checkpoints", keep_last=args.train.save_total_limit,
-                               extra={**checkpoint_state, "train_seconds": clock.total()})
+    def save_checkpoint() -> Path:
+        return engine.save_checkpoint(args.output.output_dir / "checkpoints", keep_last=args.train.save_total_limit,
+                                      extra={**checkpoint_state, "train_seconds": clock.total()})
 
     last_step = fit(args, engine, batches, metrics, clock, save_checkpoint,
-                    evaluate_dev=lambda step: evaluate(data.dev or data.eval, step))
+                    evaluate_dev=lambda step: evaluate(data.dev or data.eval, step), stop_signals=stop_signals)
     trained_steps = max(1, last_step - first_step + 1)  # in this run
     train_seconds, estimated = clock.whole_run(last_step, trained_steps)
 
@@ -113,14 +130,29 @@ def train(args: Args) -> dict[str, Any]:
 
 
 def fit(args: Args, engine: TrainingEngine, batches: RankBatches, metrics: MetricsLog, clock: TrainingTime,
-        save_checkpoint: Callable[[], None], evaluate_dev: Callable[[int], Any]) -> int:
-    """The training loop, from the engine's next step to --max_steps or the time budget. Returns the last step."""
+        save_checkpoint: Callable[[], Path], evaluate_dev: Callable[[int], Any],
+        stop_signals: PreemptionSignals | None = None) -> int:
+    """The training loop, from the engine's next step to --max_steps or the time budget. Returns the last step.
+
+    Raises:
+        Preempted: a rank received a stop signal; every rank stopped after the same step, with its checkpoint.
+    """
     log_steps, eval_steps, save_steps = args.output.log_steps, args.eval.eval_steps, args.train.save_steps
     first_step, last_step = engine.global_step + 1, args.train.max_steps  # unless the time budget ends it earlier
     progress = tqdm(total=args.train.max_steps, initial=first_step - 1, desc=f"{engine.description} steps",
                     disable=not is_main_process(), dynamic_ncols=True)
     throughput = Throughput(engine.forwards_per_micro_batch, batches.world_size)
+
+    def stop_if_signalled(step: int, saved: bool) -> None:
+        """Every rank agrees (one all-reduce) whether any got a stop signal; if so: the checkpoint, then stop."""
+        signal_name = stop_signals.agreed() if stop_signals is not None else None
+        if signal_name is None:
+            return
+        checkpoint = checkpoint_dir(args.output.output_dir / "checkpoints", step) if saved else save_checkpoint()
+        raise Preempted(signal_name, step, checkpoint)
+
     try:
+        stop_if_signalled(first_step - 1, saved=False)  # a signal during the setup
         for step in range(first_step, args.train.max_steps + 1):
             for batch in batches.of_step(step):
                 row = engine.step(batch)
@@ -135,8 +167,10 @@ def fit(args: Args, engine: TrainingEngine, batches: RankBatches, metrics: Metri
                 progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if eval_steps and step % eval_steps == 0 and step != last_step:
                 evaluate_dev(step)
-            if save_steps and step % save_steps == 0:
+            saved = bool(save_steps) and step % save_steps == 0
+            if saved:
                 save_checkpoint()
+            stop_if_signalled(step, saved)
             if out_of_time:
                 log(f"--max_train_seconds {args.train.max_train_seconds:g} reached after step {step}")
                 break
