@@ -9,17 +9,26 @@ SIGTERM or SIGUSR1 and kill the job a grace period later. :class:`PreemptionSign
 signal; the training loop asks, after every step, whether any rank received one (an all-reduce of one
 flag: the signal reaches ranks at different moments, or only some of them), so every rank stops after the
 same step, writes a checkpoint and exits with :attr:`ExitCode.PREEMPTED`.
+
+A hung rank (a wedged GPU, a stalled file system, SIGSTOP) leaves the others waiting in a collective until
+the process group's timeout (``subzero.collective_timeout`` / ``--collective_timeout``); the error gloo then
+raises names neither the step nor what to do. :func:`stop_on_collective_timeout` turns it into a
+:class:`CollectiveTimeoutError` that does, and the CLI exits with :attr:`ExitCode.COLLECTIVE_TIMEOUT`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import signal
 import threading
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Callable, Iterator
 
-from .distributed import all_gather_objects, log, sum_over_ranks
+from .distributed import all_gather_objects, get_world_size_and_rank, log, sum_over_ranks
+from .phases import phase_of
 
 
 class ExitCode(IntEnum):
@@ -30,6 +39,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # a mistake in an argument, the config, the data or a checkpoint: one message names it
     DISK_FULL = 3  # a checkpoint or the final model did not fit on the disk; earlier checkpoints are intact
     PREEMPTED = 4  # SIGTERM/SIGUSR1: stopped after a step with a checkpoint; requeue and --resume
+    COLLECTIVE_TIMEOUT = 5  # another rank did not answer within the collective timeout; --resume from the last checkpoint
 
 
 class PreemptionSignals:
@@ -81,4 +91,56 @@ class Preempted(Exception):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
-__all__ = ["ExitCode", "PreemptionSignals", "Preempted"]
+# What the step's phases (subzero_ds.phases) wait for from the other ranks.
+_PHASE_COLLECTIVES = {"forward": "a forward pass, where ZeRO-3 gathers each layer's weights from every rank",
+                      "all-reduce": "the all-reduce of the step's losses"}
+
+
+class Activity:
+    """What the run is doing now ("step 13", "writing checkpoint-12"), for the message of a fault that stops it."""
+
+    def __init__(self, now: str = "the set-up") -> None:
+        self.now = now
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """Another rank did not answer within the collective timeout; the message says where, and how to resume."""
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether ``error`` (or its cause) is a collective or rendezvous that timed out (gloo, NCCL, the store)."""
+    while error is not None:
+        if isinstance(error, RuntimeError) and re.search(r"timed out|timeout", str(error), re.IGNORECASE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def stop_on_collective_timeout(activity: Activity, timeout: float, last_checkpoint: Callable[[], Path | None],
+                               resume: str) -> Iterator[None]:
+    """Turn a timed-out collective inside the block into a :class:`CollectiveTimeoutError` naming this rank,
+    ``activity.now`` and its phase, ``last_checkpoint()`` and how to ``resume`` from it ("run the same command
+    with --resume")."""
+    try:
+        yield
+    except RuntimeError as error:
+        if isinstance(error, CollectiveTimeoutError) or not is_collective_timeout(error):
+            raise
+        world_size, rank = get_world_size_and_rank()
+        where = activity.now + (f" ({_PHASE_COLLECTIVES.get(name, f'its {name} phase')})"
+                                if (name := phase_of(error)) else "")
+        last = last_checkpoint()
+        restart = (f"The last good checkpoint is {last}: {resume} to continue from it." if last
+                   else "No checkpoint was written yet: start it again.")
+        detail = re.sub(r"^\[[^]]*\]\s*", "", str(error).splitlines()[0])  # gloo's source location says nothing here
+        raise CollectiveTimeoutError(
+            f"rank {rank} of {world_size} waited {timeout:g} s for the other ranks during {where}, and they did not "
+            f"answer ({detail}). A rank is stopped, hung or dead (a wedged GPU, a stalled file system); every rank "
+            f"that answered prints this message. {restart} If a step can take that long, raise "
+            "`subzero.collective_timeout` (--collective_timeout)."
+        ) from error
+
+
+__all__ = ["ExitCode", "PreemptionSignals", "Preempted", "Activity", "CollectiveTimeoutError", "is_collective_timeout",
+           "stop_on_collective_timeout"]

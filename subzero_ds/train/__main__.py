@@ -10,7 +10,7 @@ from subzero_ds.checkpoint.sharded import CheckpointError, DiskFullError, is_dis
 from subzero_ds.config import ConfigError
 from subzero_ds.distributed import barrier, exit_process, is_local_main_process
 from subzero_ds.engine import NonFiniteLossError
-from subzero_ds.faults import ExitCode, Preempted
+from subzero_ds.faults import CollectiveTimeoutError, ExitCode, Preempted
 from subzero_ds.kernels.build_locks import BuildLockError
 from subzero_ds.tasks import DataError
 
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"subzero-train: {stop}", file=sys.stderr, flush=True)
         barrier()  # the group is healthy: every rank leaves together, so no launcher cuts the message short
         exit_process(ExitCode.PREEMPTED)
+    except CollectiveTimeoutError as e:
+        # Every live rank says so (the one that did not answer is the one without the message); no barrier: it
+        # would wait for that rank too.
+        print(f"subzero-train: error: {e}", file=sys.stderr, flush=True)
+        exit_process(ExitCode.COLLECTIVE_TIMEOUT)
     except Exception as e:  # noqa: BLE001 - anything not named below keeps its traceback
         if is_disk_full(e):  # a checkpoint's DiskFullError, or the final model's raw OSError/SafetensorError
             _report(e if isinstance(e, DiskFullError) else DiskFullError(

@@ -18,6 +18,7 @@ import subzero_ds
 from subzero_ds.config import DeepSpeedSettings, load_ds_config, parse
 from subzero_ds.config.deepspeed import parse_deepspeed
 from subzero_ds.config.errors import raise_problems
+from subzero_ds.distributed import DEFAULT_COLLECTIVE_TIMEOUT
 from subzero_ds.engine import StepResult, SubZeroEngine
 from subzero_ds.loss import LossFn
 
@@ -131,6 +132,7 @@ class EngineConfig:
     source: str | Mapping[str, Any]  # --deepspeed_config, or the built-in default
     ds_config: dict[str, Any]  # first-order: with its optimizer block, without our section
     settings: DeepSpeedSettings
+    collective_timeout: float  # the "subzero" section's (first-order runs: the default)
 
 
 def engine_config(train: TrainArgs) -> EngineConfig:
@@ -142,11 +144,12 @@ def engine_config(train: TrainArgs) -> EngineConfig:
     """
     ds_config = load_ds_config(train.config_source)
     if not train.first_order:
-        return EngineConfig(train.config_source, ds_config, parse(ds_config, train.config_name)[1])
+        zo_settings, settings = parse(ds_config, train.config_name)
+        return EngineConfig(train.config_source, ds_config, settings, zo_settings.collective_timeout)
     ds_config = first_order_config(ds_config, train.optimizer, train.learning_rate, 0.0)
     settings, problems = parse_deepspeed(ds_config, zeroth_order=False)
     raise_problems(problems, train.config_name)
-    return EngineConfig(train.config_source, ds_config, settings)
+    return EngineConfig(train.config_source, ds_config, settings, DEFAULT_COLLECTIVE_TIMEOUT)
 
 
 def build_engine(train: TrainArgs, config: EngineConfig, model: nn.Module, loss_fn: LossFn,
