@@ -7,7 +7,6 @@ manifest, or too little free space to begin with), so these run anywhere; one te
 
 import errno
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import subzero_ds
 from subzero_ds.checkpoint import sharded
 from subzero_ds.checkpoint.export import iter_full_state
 from subzero_ds.checkpoint.sharded import DiskFullError, checkpoint_space_warning, is_disk_full, latest_checkpoint
+import helpers.tmpfs
 from helpers.configs import zo_section
 from helpers.tiny import pattern_batch, tiny_model
 
@@ -93,16 +93,8 @@ def test_the_start_up_warning_counts_every_kept_checkpoint_and_the_final_model(t
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 1.2 MB tmpfs (needs root: skipped with the reason otherwise), unmounted after the test."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'not root'}): the writer is "
-                    "failed by hand in the other tests")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with helpers.tmpfs.small_tmpfs(tmp_path) as mount_point:
+        yield mount_point
 
 
 def test_a_real_full_disk_in_the_middle_of_a_write_leaves_nothing_behind(small_tmpfs, monkeypatch):

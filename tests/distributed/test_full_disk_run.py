@@ -1,11 +1,10 @@
 """A 2-rank CLI run whose --output_dir is a 1.2 MB tmpfs: warned at start, stopped with one message and
 exit code 3 when a checkpoint no longer fits, nothing partial left; its last checkpoint resumes bit-exactly."""
 
-import subprocess
-
 import pytest
 
 from fault_runs import cli_args, loss_rows, reference, same_weights, workspace
+import helpers.tmpfs
 from launch import run
 from subzero_ds.checkpoint.sharded import latest_checkpoint
 from subzero_ds.faults import ExitCode
@@ -15,15 +14,8 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'not root'}); "
-                    "tests/checkpoint/test_full_disk.py fails the writer by hand instead")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with helpers.tmpfs.small_tmpfs(tmp_path) as mount_point:
+        yield mount_point
 
 
 def test_a_full_output_disk_stops_the_run_with_one_message_and_the_last_checkpoint_resumes(
