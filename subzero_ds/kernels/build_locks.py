@@ -78,7 +78,7 @@ def clear_stale_build_locks(root: str | os.PathLike | None = None, shared_wait: 
     root = Path(root) if root is not None else extensions_root()
     if not root.is_dir():
         return
-    shared = _file_system(root) if _is_shared(root) else None
+    shared = _shared_file_system(root)
     for lock in sorted(root.glob("*/lock")):
         _settle(lock, root, shared, time.monotonic() + shared_wait)
 
@@ -95,7 +95,7 @@ def _settle(lock: Path, root: Path, shared: str | None, deadline: float) -> None
                 if _judge(lock, shared)[0] == "stale":
                     lock.unlink(missing_ok=True)
                     logger.warning(f"subzero_ds: removed the stale build lock {lock} ({_duration(age)} old, no "
-                                   "process uses its directory: a build there was killed); the op is rebuilt now.")
+                                   "process uses its directory: a build there was killed); the op is (re)built now.")
             return
         if verdict == "unknown" and time.monotonic() > deadline:
             raise BuildLockError(
@@ -159,10 +159,13 @@ def _command(process: str) -> str:
         return f.read().strip()
 
 
-def _is_shared(root: Path) -> bool:
-    """Whether ``root`` is on a file system other hosts may write (unknown: assumed shared)."""
+def _shared_file_system(root: Path) -> str | None:
+    """The type of the file system ``root`` is on if other hosts may write it ("unknown" if that cannot be
+    read: assumed shared), else None."""
     fs = _file_system(root)
-    return fs is None or any(fs == kind or fs.startswith(kind + ".") for kind in _SHARED_FILE_SYSTEMS)
+    if fs is None:
+        return "unknown"
+    return fs if any(fs == kind or fs.startswith(kind + ".") for kind in _SHARED_FILE_SYSTEMS) else None
 
 
 def _file_system(path: Path) -> str | None:

@@ -49,7 +49,8 @@ def reference(tmp_path_factory) -> Path:
 
 
 def start(args: tuple[str, ...], log: Path) -> subprocess.Popen:
-    """The deepspeed launcher with 2 ranks running ``args``, in its own session, output to ``log``."""
+    """The deepspeed launcher with 2 ranks running ``args``, in its own session (its process group can be
+    signalled whole), output to ``log``."""
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
     with open(log, "w") as out:
         return subprocess.Popen([*launcher_command("deepspeed", 2), "--module", *args[1:]], cwd=REPO,

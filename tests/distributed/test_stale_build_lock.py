@@ -3,34 +3,25 @@ must not sleep on it forever, but clear it and train (or stop naming the lock)."
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from launch import REPO, RENDEZVOUS_VARIABLES, launcher_command
-from test_resume import ROWS, train_args
-from helpers.tiny import save_tiny_pretrained
+from fault_runs import cli_args, start, workspace
+from launch import run
 
 pytestmark = pytest.mark.distributed
 
 
-def test_a_run_killed_during_its_build_does_not_hang_the_next_one(tmp_path):
-    save_tiny_pretrained(tmp_path / "llama", "llama", [t for t, _ in ROWS] + ["It was great terrible"] * 5)
-    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in ROWS * 4))
-    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in ROWS))
+def test_a_run_killed_during_its_build_does_not_hang_the_next_one(tmp_path_factory, tmp_path, monkeypatch):
     cache = tmp_path / "torch_extensions"  # fresh: every op is built from scratch
-    env = {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES},
-           "TORCH_EXTENSIONS_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
+    root = workspace(tmp_path_factory)
 
-    def command(output):
-        args = [a for a in train_args(tmp_path, tmp_path / output) if a != "-m"]
-        steps = args.index("--max_steps") + 1
-        args[steps], args[args.index("--save_steps") + 1] = "2", "0"
-        return [*launcher_command("deepspeed", 2), "--module", *args]
+    def args(output):
+        return cli_args(root, tmp_path / output, "--max_steps", "2", "--save_steps", "0")
 
-    first = subprocess.Popen(command("first"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = start(args("first"), tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 300
         while not list(cache.glob("*/lock")):
@@ -43,10 +34,9 @@ def test_a_run_killed_during_its_build_does_not_hang_the_next_one(tmp_path):
     time.sleep(1)
     (stale,) = cache.glob("*/lock")
 
-    start = time.monotonic()
-    second = subprocess.run(command("second"), cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    took = time.monotonic() - start
-    print(f"stale lock {stale}: the next run took {took:.0f} s")
+    began = time.monotonic()
+    second = run("deepspeed", 2, *args("second"), timeout=420)
+    print(f"stale lock {stale}: the next run took {time.monotonic() - began:.0f} s")
     output = second.stdout + second.stderr
     assert second.returncode == 0 or str(stale) in output, output[-3000:]
     if second.returncode == 0:
