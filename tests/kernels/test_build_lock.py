@@ -94,3 +94,11 @@ def test_the_root_follows_torch_extensions_dir(tmp_path, monkeypatch):
     assert build_locks.extensions_root() == tmp_path
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     assert build_locks.extensions_root().name.startswith(f"py{sys.version_info.major}{sys.version_info.minor}")
+
+
+def test_a_file_system_that_cannot_be_told_counts_as_shared(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_locks, "_file_system", lambda path: None)  # no /proc/mounts
+    lock = make_lock(tmp_path, age=120)
+    with pytest.raises(BuildLockError, match="shared file system \\(unknown\\)"):
+        clear_stale_build_locks(tmp_path, shared_wait=0)
+    assert lock.exists()
