@@ -61,7 +61,7 @@ def initialize(
     settings, deepspeed_settings = parse(ds_config, source)
     raise_problems(environment.nvme_offload_problems(deepspeed_settings), source)
 
-    init_distributed()
+    init_distributed(timeout=settings.collective_timeout)
     _agree(settings, ds_config, model)
     ds_engine = _deepspeed_engine(model, deepspeed_settings, source)
     shards = collect_shards(ds_engine.module)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import logging
 import os
@@ -13,7 +14,12 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from .kernels.build_locks import clear_stale_build_locks
+
 logger = logging.getLogger("subzero_ds")
+
+# Seconds a collective waits for the other ranks by default (torch's NCCL default; gloo's is 30 minutes).
+DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 
 # Set by torchrun/deepspeed (RANK), Open MPI, MPICH/Intel MPI (PMI_RANK) and slurm.
 _LAUNCHER_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -50,11 +56,19 @@ def is_main_process() -> bool:
     return get_world_size_and_rank()[1] == 0
 
 
-def init_distributed() -> None:
+def init_distributed(timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
     """Start the process group the way the launcher asks (deepspeed, mpirun, slurm, or none).
 
     A plain ``python`` process (no launcher variables) becomes a 1-rank group on a free local
     port, so it never collides with another job's default port 29500.
+
+    Args:
+        timeout: seconds a collective waits for the other ranks before it raises (the group's
+            timeout; a group that exists already keeps its own: see :func:`set_collective_timeout`).
+
+    Raises:
+        BuildLockError: a JIT build lock that may be stale but cannot be cleared safely (see
+            :mod:`subzero_ds.kernels.build_locks`).
     """
     if dist.is_initialized():
         return
@@ -64,15 +78,24 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     _share_cores_between_local_ranks()
     _select_local_device()
+    clear_stale_build_locks()  # deepspeed.init_distributed JIT-builds its shm comm op: a stale lock hangs it forever
     import deepspeed
 
     # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to this argument (default 29500), ignoring
     # the user's: two mpirun jobs on one host would collide.
-    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+                               timeout=datetime.timedelta(seconds=timeout))
     # Every rank has mapped its peers' shm buffers once all have returned: the names can go now,
     # so even a rank that is SIGKILLed (or a process that never calls exit_process) leaks nothing.
     barrier()
     _unlink_shared_memory_buffer()
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Give the existing default process group (one a Trainer or accelerate started) this collective timeout."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # no public API changes a live group's timeout
+
+    _set_pg_timeout(datetime.timedelta(seconds=seconds))
 
 
 def _share_cores_between_local_ranks() -> None:

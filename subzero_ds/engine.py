@@ -25,7 +25,7 @@ from .checkpoint.compatibility import check_resumable
 from .checkpoint.export import save_hf_weights
 from .checkpoint.sharded import MANIFEST, latest_checkpoint, load_sharded, read_manifest, read_range, save_sharded
 from .config import SubZeroConfig
-from .distributed import log, mean_over_ranks
+from .distributed import log, mean_over_ranks, sum_over_ranks
 from .kernels import GENERATOR
 from .loss import LossFn, forward_loss, model_loss
 from .methods import ZOMethod
@@ -211,6 +211,13 @@ class SubZeroEngine:
                  "consecutive_skips": self.consecutive_skips, "method": self.writer.scalars()}
         return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last,
                             self.writer.state())
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes one checkpoint of this run holds: every rank's shards and method state. Call on every rank."""
+        local = sum(s.local_numel * s.dtype.itemsize for s in self.shards)
+        local += sum(e.tensor.numel() * e.tensor.element_size() for e in self.writer.state())
+        (total,) = sum_over_ranks(float(local))
+        return int(total)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Continue from the checkpoint at ``path`` (a ``checkpoint-<step>`` directory, or a directory of

@@ -22,24 +22,39 @@ import torch
 PHASES = ("forward", "backup", "perturb", "restore", "update", "cache release", "all-reduce")
 
 _recorders: list[dict[str, float]] = []
+_NOTE = "in the ZO step's phase: "
 
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Mark the block as phase ``name`` (timed while :func:`recorded` is active)."""
+    """Mark the block as phase ``name`` (timed while :func:`recorded` is active).
+
+    An exception leaving the block carries a note naming the innermost phase it left (:func:`phase_of`),
+    so a fault's message can say where in the step it struck (a timed-out all-gather in ``forward``).
+    """
     with torch.profiler.record_function(f"subzero::{name}"):
-        if not _recorders:
-            yield
-            return
-        _synchronize()
-        start = time.perf_counter()
         try:
-            yield
-        finally:
+            if not _recorders:
+                yield
+                return
             _synchronize()
-            elapsed = time.perf_counter() - start
-            for totals in _recorders:
-                totals[name] += elapsed
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                _synchronize()
+                elapsed = time.perf_counter() - start
+                for totals in _recorders:
+                    totals[name] += elapsed
+        except BaseException as error:
+            if phase_of(error) is None:
+                error.add_note(f"{_NOTE}{name}")
+            raise
+
+
+def phase_of(error: BaseException) -> str | None:
+    """The innermost phase ``error`` was raised in, or None if it came from outside every phase."""
+    return next((note.removeprefix(_NOTE) for note in getattr(error, "__notes__", ()) if note.startswith(_NOTE)), None)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ by the next save. Resuming on another world size re-cuts the shards from full-sh
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,23 +29,29 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..distributed import all_gather_objects, barrier, get_world_size_and_rank, is_main_process
+from ..distributed import all_gather_objects, barrier, get_world_size_and_rank, is_main_process, sum_over_ranks
 from ..methods.base import StateTensor
 from ..zero.shards import ParamShard
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+_BLOCK = 64 * 1024  # slack per file when checking room: its header, the file system's blocks
+_DISK_FULL_MARK = "[disk full] "  # how a rank's failed write tells the others it ran out of space
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded: missing, incomplete, corrupt, or from another run."""
+    """A checkpoint that cannot be loaded (missing, incomplete, corrupt, from another run) or written."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint that did not fit on its file system; nothing of it is left behind."""
 
 
 @dataclass(frozen=True)
@@ -107,52 +114,156 @@ def save_sharded(root: str | os.PathLike, step: int, shards: list[ParamShard], s
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        DiskFullError: on every rank, when the file system has no room for it (checked before writing,
+            and any write that still runs out of space); its partial directory is removed.
+        CheckpointError: on every rank, when another write fails on any rank (the message names it).
     """
     world_size, rank = get_world_size_and_rank()
     final = checkpoint_dir(root, step)
     staging = final.with_name(f".{final.name}.partial")
-    if is_main_process():
+    name = f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+    tensors, ranges = _this_ranks_tensors(shards, method_state or [])
+    # The whole checkpoint's size (every rank's file, with a block of slack each and one for the manifest).
+    (total,) = sum_over_ranks(float(sum(t.numel() * t.element_size() for t in tensors.values()) + _BLOCK))
+    needed = int(total) + _BLOCK
+
+    # Rank 0 prepares the directory, or finds the disk too small, and tells every rank (the barrier before writing).
+    def prepare() -> None:
         for leftover in Path(root).glob(".checkpoint-*.partial"):  # from a crashed save
             shutil.rmtree(leftover, ignore_errors=True)
+        _check_room(root, needed)
         staging.mkdir(parents=True)
-    barrier()
 
-    name = f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+    problem = _attempt(prepare) if is_main_process() else None
+    _agree_or_raise(all_gather_objects(problem)[0], root, step, needed, staging)
+
+    def write_this_ranks_file() -> tuple[str, str, dict[str, list[int]]]:
+        save_file(tensors, staging / name, metadata={"ranges": json.dumps(ranges)})
+        return name, _fsync_and_hash(staging / name), ranges
+
+    written = all_gather_objects(_attempt(write_this_ranks_file, returns=True))
+    _agree_or_raise(next((w for w in written if isinstance(w, str)), None), root, step, needed, staging)
+
+    problem = _attempt(lambda: _publish(root, final, staging, step, world_size, state, extra, written, shards,
+                                        method_state or [], keep_last)) if is_main_process() else None
+    _agree_or_raise(all_gather_objects(problem)[0], root, step, needed, staging)  # the barrier after the rename
+    return final
+
+
+def _this_ranks_tensors(shards: list[ParamShard], method_state: list[StateTensor]
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Host copies of this rank's shards and method state, and the flat range of each."""
     ranges = {s.name: [s.start, s.end] for s in shards}
     tensors = {}
     for shard in shards:
         with shard.swapped_in() as local:  # an NVMe-offloaded shard is read in first
             tensors[shard.name] = local.detach().to("cpu", copy=True).contiguous()
-    for entry in method_state or []:
+    for entry in method_state:
         ranges[entry.name] = [entry.offset, entry.offset + entry.tensor.numel()]
         tensors[entry.name] = entry.tensor.detach().reshape(-1).to("cpu", copy=True).contiguous()
-    save_file(tensors, staging / name, metadata={"ranges": json.dumps(ranges)})
-    digest = _fsync_and_hash(staging / name)
-    written = all_gather_objects((name, digest, ranges))
+    return tensors, ranges
 
+
+def _publish(root: str | os.PathLike, final: Path, staging: Path, step: int, world_size: int,
+             state: dict[str, Any], extra: dict[str, Any], written: list[tuple[str, str, dict[str, list[int]]]],
+             shards: list[ParamShard], method_state: list[StateTensor], keep_last: int | None) -> None:
+    """Rank 0: the manifest (last, durably), the rename into place, then the oldest checkpoints pruned."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "world_size": world_size,
+        "state": state,
+        "extra": extra,
+        "files": {n: {"sha256": d, "ranges": r} for n, d, r in written},
+        "shapes": {**{s.name: list(s.shape) for s in shards}, **{e.name: list(e.shape) for e in method_state}},
+        "dtypes": {**{s.name: str(s.param.dtype).removeprefix("torch.") for s in shards},
+                   **{e.name: str(e.tensor.dtype).removeprefix("torch.") for e in method_state}},
+    }
+    _write_json_durably(staging / MANIFEST, manifest)
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _attempt(write: Callable[[], Any], returns: bool = False) -> Any:
+    """Run ``write``; a failure becomes its description (a str) so every rank can learn of it, not hang."""
+    try:
+        result = write()
+    except (OSError, SafetensorError) as error:
+        return f"{_DISK_FULL_MARK if is_disk_full(error) else ''}{error.strerror or error if isinstance(error, OSError) else error}"
+    return result if returns else None
+
+
+def _agree_or_raise(problem: str | None, root: str | os.PathLike, step: int, needed: int, staging: Path) -> None:
+    """Raise on every rank if any rank reported ``problem``, after rank 0 removed the partial directory."""
+    if problem is None:
+        return
     if is_main_process():
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "world_size": world_size,
-            "state": state,
-            "extra": extra,
-            "files": {n: {"sha256": d, "ranges": r} for n, d, r in written},
-            "shapes": {**{s.name: list(s.shape) for s in shards},
-                       **{e.name: list(e.shape) for e in method_state or []}},
-            "dtypes": {**{s.name: str(s.param.dtype).removeprefix("torch.") for s in shards},
-                       **{e.name: str(e.tensor.dtype).removeprefix("torch.") for e in method_state or []}},
-        }
-        _write_json_durably(staging / MANIFEST, manifest)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_dir(final.parent)
-        if keep_last:
-            for old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # its space is the user's again
     barrier()
-    return final
+    last = latest_checkpoint(root)
+    last_good = (f"the last good checkpoint is {last} (--resume continues from it)" if last
+                 else "no earlier checkpoint exists")
+    if problem.startswith(_DISK_FULL_MARK):
+        free = shutil.disk_usage(root).free
+        raise DiskFullError(
+            f"checkpoint-{step} could not be written to {root}: the file system is full "
+            f"({problem.removeprefix(_DISK_FULL_MARK)}). It needs {_size(needed)} and {_size(free)} are free there. "
+            f"Nothing of it is left behind; {last_good}. Free space there, keep fewer checkpoints "
+            "(--save_total_limit, or keep_last), or write to a larger disk (--output_dir)."
+        )
+    raise CheckpointError(f"checkpoint-{step} could not be written to {root} ({problem}); its partial directory was "
+                          f"removed and {last_good}. Check that every rank can write there.")
+
+
+def _check_room(root: str | os.PathLike, needed: int) -> None:
+    """Raise ENOSPC before anything is written when the file system under ``root`` cannot hold ``needed`` bytes."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, "not enough free space, found before writing")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says the disk or the user's quota is full (or is a DiskFullError)."""
+    while error is not None:
+        if isinstance(error, DiskFullError):
+            return True
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+            return True  # safetensors' SafetensorError only quotes the OS error
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def checkpoint_space_warning(output_dir: str | os.PathLike, checkpoint_bytes: int, keep: int,
+                             final_bytes: int) -> str | None:
+    """A warning when ``output_dir`` cannot hold ``keep`` + 1 checkpoints (the newest is written before the
+    oldest goes) and the final model; None when it can. Checkpoints already under ``output_dir/checkpoints``
+    count as room: they are rotated out."""
+    needed = (keep + 1) * checkpoint_bytes + final_bytes if checkpoint_bytes else final_bytes
+    existing = sum(f.stat().st_size for c in list_checkpoints(Path(output_dir) / "checkpoints") for f in c.iterdir())
+    free = shutil.disk_usage(output_dir).free + existing
+    if free >= needed:
+        return None
+    held = f"{keep} + 1 checkpoints of {_size(checkpoint_bytes)} and " if checkpoint_bytes else ""
+    return (f"{output_dir} has {_size(free)} for this run, but {held}the final model of {_size(final_bytes)} need "
+            f"{_size(needed)}: the run will stop when the disk is full. Free space, lower --save_total_limit, "
+            "or pass an --output_dir on a larger disk.")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
+from ..distributed import DEFAULT_COLLECTIVE_TIMEOUT
 from ..methods import registry
 from ..methods.registry import Options
 from .errors import SECTION, describe_validation_error, shown
@@ -51,6 +52,11 @@ class CoreSettings(BaseModel):
     queries: int = Field(1, ge=1, description="Directions per step q, an integer >= 1 (2q forwards; update: their mean).")
     max_consecutive_skips: int = Field(
         10, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss, an integer >= 1.")
+    collective_timeout: float = Field(
+        DEFAULT_COLLECTIVE_TIMEOUT, gt=0.0, allow_inf_nan=False,
+        description="Seconds a rank waits in a collective (ZeRO-3's gathers, the step's all-reduce, a checkpoint's "
+                    "barriers) for the other ranks before the run stops with a message, a finite number > 0: the "
+                    "process group's timeout (a hung or stopped rank otherwise stalls the job for 30 minutes).")
 
 
 class SubZeroConfig(CoreSettings):

@@ -25,6 +25,9 @@ What happens underneath:
   ``train(resume_from_checkpoint=...)`` continues bit-exactly. Full weights are not gathered into
   every checkpoint (``subzero-export checkpoint-N/zo/checkpoint-N`` writes them);
   ``save_model()`` writes weights ``from_pretrained`` loads (a PEFT model: its adapter).
+- Faults (``train``): on SIGTERM/SIGUSR1 every rank finishes its step, the Trainer saves ``checkpoint-N``
+  and the process exits with code 4; a collective that waits past ``subzero.collective_timeout`` (the
+  process group's timeout, in place of ``ddp_timeout``) ends every live rank with one message and code 5.
 - Refused with one clear error each: ``optimizers=`` (a ZO run has no first-order optimizer),
   ``fp16`` (loss scaling has no place in ZO; use bf16 or fp32), a DeepSpeed ``optimizer`` or
   ``scheduler`` block, and no ``"subzero"`` section.
@@ -33,17 +36,22 @@ What happens underneath:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 import subzero_ds
 
 from ..config import SECTION, ConfigError, load_ds_config, parse_config
-from ..distributed import barrier, is_main_process
+from ..distributed import barrier, exit_process, is_local_main_process, is_main_process, set_collective_timeout
+from ..faults import Activity, CollectiveTimeoutError, ExitCode, PreemptionSignals, stop_on_collective_timeout
 from ..loss import model_loss
 
 ZO_CHECKPOINT_DIR = "zo"
@@ -86,9 +94,13 @@ class ZOTrainer(Trainer):
             )
         # The Trainer sees a plain multi-process run: DeepSpeed is ours to drive (no DeepSpeed optimizer).
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"  # set by `accelerate launch`; it would bring DeepSpeed back
-        plain = dataclasses.replace(args, deepspeed=None, learning_rate=settings.lr)
+        # The process group (the Trainer's, or ours) waits subzero.collective_timeout in a collective, not ddp_timeout.
+        plain = dataclasses.replace(args, deepspeed=None, learning_rate=settings.lr,
+                                    ddp_timeout=math.ceil(settings.collective_timeout))
         self.zo_config = ds_config
         super().__init__(model, plain, *trainer_args, **kwargs)
+        if dist.is_initialized():  # made before (by the script, or accelerate): its timeout is changed in place
+            set_collective_timeout(settings.collective_timeout)
         loss_fn = model_loss if type(self).compute_loss is Trainer.compute_loss else self._user_loss
         self.zo_engine = subzero_ds.initialize(model=self.model, config=ds_config, loss_fn=loss_fn)
         self.model = self.zo_engine.module
@@ -112,6 +124,43 @@ class ZOTrainer(Trainer):
 
     def _user_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self.compute_loss(model, batch)
+
+    # ---- faults: preemption, a hung rank ----
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, ending the process cleanly on the faults of a cluster job.
+
+        - SIGTERM/SIGUSR1 (preemption: slurm, Kubernetes): every rank finishes its step, the checkpoint
+          is saved through the Trainer's own save path (``checkpoint-N`` with ``zo/``), and the process
+          exits with code 4 (:attr:`~subzero_ds.faults.ExitCode.PREEMPTED`); the requeued script continues
+          with ``train(resume_from_checkpoint=True)``.
+        - A collective that waits longer than ``subzero.collective_timeout`` for another rank: every live
+          rank prints one message (the step, the last checkpoint) and exits with code 5.
+
+        Takes and returns what ``Trainer.train`` does.
+        """
+        watch = _FaultWatch()
+        self.add_callback(watch)
+        timeout = self.zo_engine.config.collective_timeout
+        try:
+            with PreemptionSignals() as watch.signals, stop_on_collective_timeout(
+                    watch.activity, timeout, lambda: _last_trainer_checkpoint(self.args.output_dir),
+                    "call trainer.train(resume_from_checkpoint=True)"):
+                output = super().train(*args, **kwargs)
+        except CollectiveTimeoutError as error:
+            print(f"ZOTrainer: error: {error}", file=sys.stderr, flush=True)
+            exit_process(ExitCode.COLLECTIVE_TIMEOUT)
+        finally:
+            self.remove_callback(watch)
+        if watch.signal_name is not None:
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if is_local_main_process():  # printed: a script's logging may not show INFO
+                print(f"ZOTrainer: {watch.signal_name} received: stopped after step {self.state.global_step} and "
+                      f"saved {checkpoint}. Run the script again with trainer.train(resume_from_checkpoint=True) to "
+                      "continue.", file=sys.stderr, flush=True)
+            barrier()  # the group is healthy: every rank leaves together
+            exit_process(ExitCode.PREEMPTED)
+        return output
 
     # ---- the step ----
 
@@ -190,6 +239,34 @@ class ZOTrainer(Trainer):
         if is_main_process() and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         barrier()
+
+
+class _FaultWatch(TrainerCallback):
+    """After each optimizer step every rank agrees whether any got a stop signal; if so the Trainer saves and stops.
+
+    Also keeps :attr:`activity` (the step) for the message of a timed-out collective.
+    """
+
+    def __init__(self) -> None:
+        self.signals: PreemptionSignals | None = None
+        self.signal_name: str | None = None
+        self.activity = Activity()
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.activity.now = f"step {state.global_step + 1}"
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        self.activity.now = f"the logging, evaluation or checkpoint after step {state.global_step}"
+        if self.signals is not None and self.signal_name is None:
+            self.signal_name = self.signals.agreed()  # collective: every rank asks after the same step
+        if self.signal_name is not None:
+            control.should_save = control.should_training_stop = True  # the Trainer's own save path, then stop
+        return control
+
+
+def _last_trainer_checkpoint(output_dir: str) -> str | None:
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
 __all__ = ["ZOTrainer"]

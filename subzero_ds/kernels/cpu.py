@@ -3,7 +3,8 @@
 torch's extension builder compiles it with the host's g++ and ninja (both needed by DeepSpeed's
 ops too) into ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` overrides); ranks starting
 together wait on one build. ``scripts/setup.sh`` builds it ahead of time. Without a compiler the
-op falls back to the torch reference, with one warning: correct, but about 100× slower.
+op falls back to the torch reference, with one warning: correct, but about 100× slower. A build lock
+left by a killed build is cleared (or reported) first: torch would wait on it forever (``build_locks.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def compiled() -> ModuleType | None:
     """
     from torch.utils.cpp_extension import load
 
+    from .build_locks import clear_stale_build_locks
+
+    clear_stale_build_locks()  # outside the try: a lock only the user can clear is reported, not built around
     isa = vector_isa()
     try:
         return load(name="subzero_ds_cpu_kernels" + (f"_{isa}" if isa else ""), sources=[str(SOURCE)],

@@ -111,6 +111,9 @@ class TrainArgs:
                                "\"optimizer\" block, or one built from --learning_rate), with the same data, "
                                "evaluation and outputs.")
     learning_rate: float = arg(1e-5, "First-order baselines without an \"optimizer\" block: its learning rate.")
+    collective_timeout: float | None = arg(None, "Seconds a rank waits in a collective for the other ranks before "
+                                           "the run stops, naming the step and the last checkpoint (exit code 5); "
+                                           "default: the config's subzero.collective_timeout, 600.")
     deepspeed_config: str | None = deepspeed_flag("The DeepSpeed JSON with our \"subzero\" section "
                                                   "(default: DEFAULT_CONFIG).")
 
@@ -118,6 +121,9 @@ class TrainArgs:
         problems = out_of_range(self)
         if not (math.isfinite(self.max_train_seconds) and self.max_train_seconds >= 0):
             problems.append(f"--max_train_seconds must be a finite number >= 0, got {self.max_train_seconds}")
+        if self.collective_timeout is not None and not (math.isfinite(self.collective_timeout)
+                                                        and self.collective_timeout > 0):
+            problems.append(f"--collective_timeout must be a finite number of seconds > 0, got {self.collective_timeout}")
         raise_usage(problems)
         if self.first_order and (self.save_steps or self.resume):
             raise UsageError(f"--save_steps and --resume checkpoint ZO runs; a first-order baseline (--optimizer "

@@ -18,6 +18,7 @@ import subzero_ds
 from subzero_ds.config import DeepSpeedSettings, load_ds_config, parse
 from subzero_ds.config.deepspeed import parse_deepspeed
 from subzero_ds.config.errors import raise_problems
+from subzero_ds.distributed import DEFAULT_COLLECTIVE_TIMEOUT
 from subzero_ds.engine import StepResult, SubZeroEngine
 from subzero_ds.loss import LossFn
 
@@ -64,6 +65,9 @@ class TrainingEngine(Protocol):
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Continue from the checkpoint at ``path``; returns its ``extra`` state. Every rank calls it."""
 
+    def checkpoint_bytes(self) -> int:
+        """Bytes one checkpoint takes on disk, all ranks' files together (0: this engine writes none). Every rank calls it."""
+
     def save_model(self, path: Path) -> None:
         """The trained model (full weights, or the peft adapter) for ``from_pretrained``. Every rank calls it."""
 
@@ -103,6 +107,9 @@ class ZOEngine:
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         return self.engine.load_checkpoint(path)
 
+    def checkpoint_bytes(self) -> int:
+        return self.engine.checkpoint_bytes()
+
     def save_model(self, path: Path) -> None:
         save_model(self.module, path)
 
@@ -125,6 +132,7 @@ class EngineConfig:
     source: str | Mapping[str, Any]  # --deepspeed_config, or the built-in default
     ds_config: dict[str, Any]  # first-order: with its optimizer block, without our section
     settings: DeepSpeedSettings
+    collective_timeout: float  # the "subzero" section's (first-order runs: the default)
 
 
 def engine_config(train: TrainArgs) -> EngineConfig:
@@ -136,11 +144,12 @@ def engine_config(train: TrainArgs) -> EngineConfig:
     """
     ds_config = load_ds_config(train.config_source)
     if not train.first_order:
-        return EngineConfig(train.config_source, ds_config, parse(ds_config, train.config_name)[1])
+        zo_settings, settings = parse(ds_config, train.config_name)
+        return EngineConfig(train.config_source, ds_config, settings, zo_settings.collective_timeout)
     ds_config = first_order_config(ds_config, train.optimizer, train.learning_rate, 0.0)
     settings, problems = parse_deepspeed(ds_config, zeroth_order=False)
     raise_problems(problems, train.config_name)
-    return EngineConfig(train.config_source, ds_config, settings)
+    return EngineConfig(train.config_source, ds_config, settings, DEFAULT_COLLECTIVE_TIMEOUT)
 
 
 def build_engine(train: TrainArgs, config: EngineConfig, model: nn.Module, loss_fn: LossFn,

@@ -109,6 +109,10 @@ class FirstOrderEngine:
         """Not supported: a first-order baseline runs from start to end (``--resume`` is refused)."""
         raise CheckpointError("--resume continues ZO runs; a first-order baseline runs from start to end")
 
+    def checkpoint_bytes(self) -> int:
+        """0: a first-order baseline writes no checkpoints."""
+        return 0
+
     def save_model(self, path: Path) -> None:
         """Full Hugging Face weights (gathered; rank 0 writes), or the peft adapter. Call on every rank."""
         save_model(self.module, path)

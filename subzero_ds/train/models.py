@@ -62,6 +62,18 @@ def save_model(module: nn.Module, path: Path) -> None:
         save_hf_weights(module, path)
 
 
+def saved_model_bytes(module: nn.Module, merged: bool = False) -> int:
+    """Bytes :func:`save_model` writes (full weights, or a PEFT model's adapter; ``merged``: plus the merged model)."""
+    def size(p: nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel())) * p.dtype.itemsize  # the full size under ZeRO-3
+
+    everything = sum(size(p) for p in module.parameters())
+    if not is_peft_model(module):
+        return everything
+    adapter = sum(size(p) for p in module.parameters() if p.requires_grad)
+    return adapter + (everything - adapter if merged else 0)
+
+
 def check_model_directory(flag: str, name: str, needs_config: bool) -> dict[str, Any] | None:
     """A local model/tokenizer directory must exist (a hub id is left to ``from_pretrained``); its config.json.
 

@@ -1,7 +1,11 @@
 """The run behind subzero-train: named setup steps, then the training loop.
 
     train(args):  engine_config → setup_data → setup_model + build_engine → setup_batches → setup_resume
-                  → setup_metrics → zero-shot evaluation → fit (the loop) → final evaluation → save_final
+                  → setup_metrics → warn_if_disk_short → zero-shot evaluation → fit (the loop) → final evaluation
+                  → save_final
+
+ZO runs catch SIGTERM/SIGUSR1 throughout: after every step the ranks agree whether one arrived, and if so
+they write a checkpoint and stop together (``Preempted``; subzero_ds.faults).
 
 Every rank runs it. The engine is a :class:`~.engines.TrainingEngine`, ZO or first-order: the loop
 does not know which.
@@ -9,6 +13,7 @@ does not know which.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from subzero_ds.adapters import add_adapter, is_peft_model, merge_adapter
-from subzero_ds.checkpoint.sharded import CheckpointError, latest_checkpoint
+from subzero_ds.checkpoint.sharded import CheckpointError, checkpoint_dir, checkpoint_space_warning, latest_checkpoint
 from subzero_ds.distributed import get_world_size_and_rank, init_distributed, is_main_process, log
+from subzero_ds.faults import Activity, Preempted, PreemptionSignals, stop_on_collective_timeout
 from subzero_ds.loss import LossFn, language_model_loss
 from subzero_ds.tasks import DataError, Sample, Task, TaskKind
 from subzero_ds.tasks.encoding import SampleEncoder, candidate_batch, check_examples, classification_loss, lm_batch
@@ -56,9 +62,27 @@ class Model:
 
 
 def train(args: Args) -> dict[str, Any]:
-    """Train as ``args`` (validated) say; write metrics.jsonl, final/ and eval_results.json; return the results."""
+    """Train as ``args`` (validated) say; write metrics.jsonl, final/ and eval_results.json; return the results.
+
+    Raises:
+        Preempted: SIGTERM/SIGUSR1 reached a rank (ZO runs); every rank stopped after the same step with a checkpoint.
+        CollectiveTimeoutError: another rank did not answer a collective within the collective timeout.
+    """
     config = engine_config(args.train)  # fails before any loading
-    init_distributed()
+    timeout = args.train.collective_timeout or config.collective_timeout
+    activity = Activity()
+    # ZO runs catch stop signals from the start: one during the set-up also ends in a checkpoint. A first-order
+    # baseline writes none, so a signal ends it as it ends any process.
+    signals = contextlib.nullcontext() if args.train.first_order else PreemptionSignals()
+    checkpoints = args.output.output_dir / "checkpoints"
+    with signals as stop_signals, stop_on_collective_timeout(activity, timeout, lambda: latest_checkpoint(checkpoints),
+                                                             "run the same command with --resume"):
+        return _train(args, config, timeout, stop_signals, activity)
+
+
+def _train(args: Args, config: EngineConfig, timeout: float, stop_signals: PreemptionSignals | None,
+           activity: Activity) -> dict[str, Any]:
+    init_distributed(timeout=timeout)
     data = setup_data(args)
     per_device = args.train.per_device_batch_size or int(config.ds_config.get("train_micro_batch_size_per_gpu", 8))
     with models.partitioned_loading(config.ds_config, config.settings.stage, args.train.per_device_batch_size):
@@ -67,6 +91,7 @@ def train(args: Args) -> dict[str, Any]:
     batches = setup_batches(args, data, model, engine, per_device)
     resumed = setup_resume(args, engine, batches.state)
     metrics = setup_metrics(args, engine, resumed)
+    warn_if_disk_short(args, engine)
     world_size = batches.world_size
 
     def evaluate(samples: list[Sample], step: int) -> dict[str, float]:
@@ -78,6 +103,7 @@ def train(args: Args) -> dict[str, Any]:
     log(f"task {data.task.name}: {len(data.train)} train, {len(data.dev)} dev, {len(data.eval)} eval examples; "
         f"{world_size} rank(s) x {engine.accumulation_steps} micro-batch(es) x {per_device} per step")
     if resumed is None:
+        activity.now = "the zero-shot evaluation"
         zero_shot = evaluate(data.eval, 0)
         log(f"zero-shot {data.task.metric}: {zero_shot[data.task.metric]:.4f}")
     else:
@@ -88,16 +114,19 @@ def train(args: Args) -> dict[str, Any]:
     first_step = engine.global_step + 1
     clock = TrainingTime(before=resumed.get("train_seconds") if resumed is not None else 0.0)
 
-    def save_checkpoint() -> None:
-        engine.save_checkpoint(args.output.output_dir / "checkpoints", keep_last=args.train.save_total_limit,
-                               extra={**checkpoint_state, "train_seconds": clock.total()})
+    def save_checkpoint() -> Path:
+        return engine.save_checkpoint(args.output.output_dir / "checkpoints", keep_last=args.train.save_total_limit,
+                                      extra={**checkpoint_state, "train_seconds": clock.total()})
 
     last_step = fit(args, engine, batches, metrics, clock, save_checkpoint,
-                    evaluate_dev=lambda step: evaluate(data.dev or data.eval, step))
+                    evaluate_dev=lambda step: evaluate(data.dev or data.eval, step), stop_signals=stop_signals,
+                    activity=activity)
     trained_steps = max(1, last_step - first_step + 1)  # in this run
     train_seconds, estimated = clock.whole_run(last_step, trained_steps)
 
+    activity.now = "the final evaluation"
     final = evaluate(data.eval, last_step)
+    activity.now = "writing the final model"
     save_final(args, engine, model)
     results = {"task": data.task.name, "model": args.model.model_name_or_path, "world_size": world_size,
                "optimizer": engine.description, "steps": last_step, "num_eval": len(data.eval), "zero_shot": zero_shot,
@@ -111,33 +140,60 @@ def train(args: Args) -> dict[str, Any]:
 
 
 def fit(args: Args, engine: TrainingEngine, batches: RankBatches, metrics: MetricsLog, clock: TrainingTime,
-        save_checkpoint: Callable[[], None], evaluate_dev: Callable[[int], Any]) -> int:
-    """The training loop, from the engine's next step to --max_steps or the time budget. Returns the last step."""
+        save_checkpoint: Callable[[], Path], evaluate_dev: Callable[[int], Any],
+        stop_signals: PreemptionSignals | None = None, activity: Activity | None = None) -> int:
+    """The training loop, from the engine's next step to --max_steps or the time budget. Returns the last step.
+
+    ``activity.now`` says what the loop is doing (for a fault's message); ``stop_signals``: see below.
+
+    Raises:
+        Preempted: a rank received a stop signal; every rank stopped after the same step, with its checkpoint.
+    """
     log_steps, eval_steps, save_steps = args.output.log_steps, args.eval.eval_steps, args.train.save_steps
     first_step, last_step = engine.global_step + 1, args.train.max_steps  # unless the time budget ends it earlier
     progress = tqdm(total=args.train.max_steps, initial=first_step - 1, desc=f"{engine.description} steps",
                     disable=not is_main_process(), dynamic_ncols=True)
     throughput = Throughput(engine.forwards_per_micro_batch, batches.world_size)
-    for step in range(first_step, args.train.max_steps + 1):
-        for batch in batches.of_step(step):
-            row = engine.step(batch)
-            throughput.count(batch)
-        progress.update(1)
-        out_of_time = clock.out_of(args.train.max_train_seconds)  # every rank stops together
-        if out_of_time:
-            last_step = step
-        if step % log_steps == 0 or step == last_step:
-            row = {"step": step, **row, **throughput.row(steps=(step - 1) % log_steps + 1)}
-            metrics.write(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
-        if eval_steps and step % eval_steps == 0 and step != last_step:
-            evaluate_dev(step)
-        if save_steps and step % save_steps == 0:
-            save_checkpoint()
-        if out_of_time:
-            log(f"--max_train_seconds {args.train.max_train_seconds:g} reached after step {step}")
-            break
-    progress.close()
+    activity = activity or Activity()
+
+    def stop_if_signalled(step: int, saved: bool) -> None:
+        """Every rank agrees (one all-reduce) whether any got a stop signal; if so: the checkpoint, then stop."""
+        signal_name = stop_signals.agreed() if stop_signals is not None else None
+        if signal_name is None:
+            return
+        activity.now = f"writing checkpoint-{step} on {signal_name}"
+        checkpoint = checkpoint_dir(args.output.output_dir / "checkpoints", step) if saved else save_checkpoint()
+        raise Preempted(signal_name, step, checkpoint)
+
+    try:
+        stop_if_signalled(first_step - 1, saved=False)  # a signal during the setup
+        for step in range(first_step, args.train.max_steps + 1):
+            activity.now = f"step {step}"
+            for batch in batches.of_step(step):
+                row = engine.step(batch)
+                throughput.count(batch)
+            progress.update(1)
+            out_of_time = clock.out_of(args.train.max_train_seconds)  # every rank stops together
+            if out_of_time:
+                last_step = step
+            if step % log_steps == 0 or step == last_step:
+                row = {"step": step, **row, **throughput.row(steps=(step - 1) % log_steps + 1)}
+                metrics.write(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            if eval_steps and step % eval_steps == 0 and step != last_step:
+                activity.now = f"the dev evaluation after step {step}"
+                evaluate_dev(step)
+            saved = bool(save_steps) and step % save_steps == 0
+            if saved:
+                activity.now = f"writing checkpoint-{step}"
+                save_checkpoint()
+            activity.now = f"the check for stop signals after step {step}"
+            stop_if_signalled(step, saved)
+            if out_of_time:
+                log(f"--max_train_seconds {args.train.max_train_seconds:g} reached after step {step}")
+                break
+    finally:
+        progress.close()  # also when a fault stops the loop: its message then starts on a line of its own
     return last_step
 
 
@@ -215,6 +271,15 @@ def setup_metrics(args: Args, engine: TrainingEngine, resumed: dict[str, Any] | 
     args.output.output_dir.mkdir(parents=True, exist_ok=True)
     return MetricsLog(args.output.output_dir / "metrics.jsonl", engine.monitor,
                       after_step=engine.global_step if resumed is not None else None)
+
+
+def warn_if_disk_short(args: Args, engine: TrainingEngine) -> None:
+    """Warn at start when --output_dir cannot hold --save_total_limit + 1 checkpoints and the final model."""
+    checkpoint = engine.checkpoint_bytes() if args.train.save_steps else 0  # collective: before the rank-0 test
+    final = models.saved_model_bytes(engine.module, merged=args.adapter.merge_adapter)
+    warning = checkpoint_space_warning(args.output.output_dir, checkpoint, args.train.save_total_limit, final)
+    if warning is not None:
+        log(f"warning: {warning}")
 
 
 def save_final(args: Args, engine: TrainingEngine, model: Model) -> None:
