@@ -29,6 +29,7 @@ ACCEPTS = {
     "update_rounding": lambda v: v in ("nearest", "stochastic"),
     "lr": lambda v: is_number(v) and math.isfinite(v) and v >= 0,
     "eps": lambda v: is_number(v) and math.isfinite(v) and v > 0,
+    "collective_timeout": lambda v: is_number(v) and math.isfinite(v) and v > 0,
     "weight_decay": lambda v: is_number(v) and math.isfinite(v) and v >= 0,
     "rank": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "subspace_interval": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
