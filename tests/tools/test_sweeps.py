@@ -206,3 +206,24 @@ def test_a_tiny_sweep_runs_and_an_interrupted_one_continues_without_rerunning(tm
     assert runs == {c.hash: 2 if c is lost else 1 for c in cells}
     report = write_report(root, "mezo", len(cells)).read_text()
     assert "4 of 4 cells finished" in report
+
+
+SHIPPED_SWEEPS = {"smollm2_sst2.json": "smollm2-sst2", "adam_lr_grid.json": "adam-lr-grid"}
+
+
+@pytest.mark.parametrize("spec, results", SHIPPED_SWEEPS.items())
+def test_every_shipped_sweep_resolves_to_its_committed_finished_cells(spec, results):
+    """The published tables stay reproducible: each shipped spec's cells (by hash) are the ones committed,
+    every one finished, with the DeepSpeed config its run read (cells run before other methods' keys were left
+    out of ds.json kept them: the same run once they are left out)."""
+    from subzero_ds.tools.sweeps.runner import is_finished, run_config
+
+    repo = Path(__file__).resolve().parents[2]
+    root = repo / "sweeps" / "results" / results
+    cells = expand(load_sweep(repo / "sweeps" / spec))
+    assert {cell.hash for cell in cells} == {p.name for p in (root / "cells").iterdir()}
+    for cell in cells:
+        assert is_finished(root, cell), cell.label
+        if cell.deepspeed is not None:
+            committed = json.loads((cell_dir(root, cell) / "ds.json").read_text())
+            assert run_config(committed) == run_config(cell.deepspeed), cell.label
