@@ -206,6 +206,11 @@ class OutputArgs:
     def __post_init__(self) -> None:
         raise_usage(out_of_range(self))
 
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Where the run's checkpoint-<step> directories go (and --resume looks)."""
+        return self.output_dir / "checkpoints"
+
     def validate(self) -> None:
         """--output_dir is, or can be created as, a writable directory (it is created once training starts)."""
         output_dir = self.output_dir

@@ -74,8 +74,8 @@ def train(args: Args) -> dict[str, Any]:
     # ZO runs catch stop signals from the start: one during the set-up also ends in a checkpoint. A first-order
     # baseline writes none, so a signal ends it as it ends any process.
     signals = contextlib.nullcontext() if args.train.first_order else PreemptionSignals()
-    checkpoints = args.output.output_dir / "checkpoints"
-    with signals as stop_signals, stop_on_collective_timeout(activity, timeout, lambda: latest_checkpoint(checkpoints),
+    last_checkpoint = lambda: latest_checkpoint(args.output.checkpoints_dir)  # noqa: E731
+    with signals as stop_signals, stop_on_collective_timeout(activity, timeout, last_checkpoint,
                                                              "run the same command with --resume"):
         return _train(args, config, timeout, stop_signals, activity)
 
@@ -115,7 +115,7 @@ def _train(args: Args, config: EngineConfig, timeout: float, stop_signals: Preem
     clock = TrainingTime(before=resumed.get("train_seconds") if resumed is not None else 0.0)
 
     def save_checkpoint() -> Path:
-        return engine.save_checkpoint(args.output.output_dir / "checkpoints", keep_last=args.train.save_total_limit,
+        return engine.save_checkpoint(args.output.checkpoints_dir, keep_last=args.train.save_total_limit,
                                       extra={**checkpoint_state, "train_seconds": clock.total()})
 
     last_step = fit(args, engine, batches, metrics, clock, save_checkpoint,
@@ -162,7 +162,7 @@ def fit(args: Args, engine: TrainingEngine, batches: RankBatches, metrics: Metri
         if signal_name is None:
             return
         activity.now = f"writing checkpoint-{step} on {signal_name}"
-        checkpoint = checkpoint_dir(args.output.output_dir / "checkpoints", step) if saved else save_checkpoint()
+        checkpoint = checkpoint_dir(args.output.checkpoints_dir, step) if saved else save_checkpoint()
         raise Preempted(signal_name, step, checkpoint)
 
     try:
@@ -242,7 +242,7 @@ def setup_resume(args: Args, engine: TrainingEngine, data_state: dict[str, Any])
     """With --resume: the checkpoint loaded into ``engine``, and the state saved with it; else None."""
     if not args.train.resume:
         return None
-    return resume(engine, args.train.resume, args.output.output_dir / "checkpoints", data_state)
+    return resume(engine, args.train.resume, args.output.checkpoints_dir, data_state)
 
 
 def resume(engine: TrainingEngine, checkpoint: str, root: Path, data: dict[str, Any]) -> dict[str, Any]:
