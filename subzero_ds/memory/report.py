@@ -1,11 +1,15 @@
-"""Rendering: one run's itemised report, and the published prediction table (``subzero-memory --table``)."""
+"""Rendering: one run's itemised report, the published prediction table (``subzero-memory --table``) and
+the step-time table (``subzero-memory --table time``)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from ..config import SubZeroConfig
 from .architectures import BUILTIN_MODELS
 from .estimate import Estimate, estimate
 from .settings import GiB, BatchShape, Cluster, Offload, ZeroSettings
+from .step_time import StepTime
 
 
 def render_report(result: Estimate) -> str:
@@ -43,7 +47,33 @@ def render_report(result: Estimate) -> str:
         lines.append("To make it fit:")
         lines.extend(f"  - {a}" for a in result.advice)
     lines.append(f"First-order AdamW: {'fits' if result.first_order_fits else 'does not fit'}.")
+    if result.step is not None:
+        lines.extend(["", *_step_time_lines(result.step, c, z.hpz_group(c.world) > 1)])
+    if result.speed_advice:
+        lines.append("To make it faster:")
+        lines.extend(f"  - {a}" for a in result.speed_advice)
     return "\n".join(lines)
+
+
+def _step_time_lines(t: StepTime, c: Cluster, hpz: bool) -> list[str]:
+    """The step time's terms (``step_time.py``'s model), and hpZ's first forward and replicas."""
+    link = "the network" if t.across_node_bytes else "NVLink"
+    lines = [
+        "Step time, steady state (gathers at the link rate + matmuls at the sustained rate, not overlapped: an "
+        "upper bound for these rates):",
+        f"  {t.gathers} parameter all-gather{'s' if t.gathers > 1 else ''} per step over {t.group} ranks "
+        f"({'an hpZ group' if hpz else 'plain ZeRO-3'}), each {t.within_node_bytes / GiB:.2f} GiB per GPU from its "
+        f"node + {t.across_node_bytes / GiB:.2f} GiB across nodes, at {t.link_gbps:g} Gbit/s ({link})",
+        f"  comm {t.comm_s:.2f} s + compute {t.compute_s:.2f} s ({c.tflops:g} TFLOP/s) = {t.total_s:.2f} s per step",
+    ]
+    if hpz and c.nodes > 1:
+        lines.append(f"  across nodes per step: {t.across_node_bytes_per_step:g} bytes (the loss all-reduce) after the "
+                     f"first forward, which gathers {t.first_across_node_bytes / GiB:.2f} GiB per GPU from the primary "
+                     "shards, once")
+    if t.replicas > 1:
+        lines.append(f"  replica-mode perturbation: {t.replicas} groups of {t.group} GPUs each hold the model, so "
+                     f"{t.replicas} directions per step in this time (+ one all-reduce of {t.replicas} loss pairs)")
+    return lines
 
 
 TABLE_MODELS = ("opt-13b", "opt-30b", "opt-66b", "opt-175b", "llama-2-70b")
@@ -75,6 +105,46 @@ def prediction_table(batch: BatchShape = BatchShape(4, 512), precision: str = "b
                     cells.append(_cell(e.total("gpu"), e.total("cpu") * gpus_per_node, e.fits))
                 cells.append(_cell(e.total("gpu", True), e.total("cpu", True) * gpus_per_node, e.first_order_fits))
                 lines.append(f"| {name} | {arch.total_params / 1e9:.1f}B | {nodes} | {offload.value} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TIME_TABLE_MODELS = ("opt-13b", "opt-30b", "opt-66b", "opt-175b")
+TIME_TABLE_NODES = (1, 2, 4, 8, 16)
+
+
+def step_time_table(cluster: Cluster = Cluster(), batch: BatchShape = BatchShape(4, 512), precision: str = "bf16",
+                    fused: bool = False, rank: int = 24) -> str:  # fmt: skip
+    """Markdown: plain ZeRO-3 against hpZ (K = GPUs per node) for OPT-13B … 175B on 1 … 16 nodes of ``cluster``.
+
+    Per row: GPU GiB per rank (✗ where it does not fit), what one forward's gather brings each GPU
+    from its node and across nodes, and the step time's terms (``step_time.py``).
+    """
+    k, mode = cluster.gpus_per_node, "fused (1 gather per step)" if fused else "in place (2 gathers per step)"
+    lines = [
+        f"SubZero rank {rank}, {mode}, {precision}, batch {batch.batch_size} × {batch.seq_len} tokens per GPU; "
+        f"nodes of {k} × {cluster.gpu_memory_gib:g} GiB GPUs, {cluster.intra_node_gbps:g} Gbit/s NVLink and "
+        f"{cluster.inter_node_gbps:g} Gbit/s network per GPU, {cluster.tflops:g} TFLOP/s. hpZ rows: "
+        f"`zero_hpz_partition_size` {k}, gathers after the first forward. Step = comm + compute, not overlapped. "
+        "✗ = does not fit.",
+        "",
+        "| model | params | nodes | ZeRO-3 | GPU GiB/rank | gather/forward, node GiB | gather/forward, "
+        "across nodes GiB | comm s | compute s | step s | directions/step (replica mode) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    subzero = SubZeroConfig.from_section({"method": "subzero", "rank": rank, "fused": fused})
+    for name in TIME_TABLE_MODELS:
+        arch = BUILTIN_MODELS[name]
+        for nodes in TIME_TABLE_NODES:
+            for hpz in (1, k):
+                settings = ZeroSettings(precision=precision, hpz_partition_size=hpz, subzero=subzero)
+                e = estimate(arch, settings, replace(cluster, nodes=nodes), batch)
+                t = e.step
+                lines.append(
+                    f"| {name} | {arch.total_params / 1e9:.1f}B | {nodes} | {'hpZ' if hpz > 1 else 'plain'} | "
+                    f"{e.total('gpu') / GiB:.1f}{'' if e.fits else ' ✗'} | {t.within_node_bytes / GiB:.1f} | "
+                    f"{t.across_node_bytes / GiB:.1f} | {t.comm_s:.2f} | {t.compute_s:.2f} | {t.total_s:.2f} | "
+                    f"{t.replicas} |"
+                )
     return "\n".join(lines) + "\n"
 
 

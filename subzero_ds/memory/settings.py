@@ -32,6 +32,13 @@ DEFAULT_PERSISTENCE = 100_000
 DEFAULT_NVME_BUFFER_COUNT = 5
 DEFAULT_NVME_BUFFER_SIZE = 100_000_000
 
+# An H100 SXM node (DGX/HGX H100), per GPU. NVLink 4: 18 links, 900 GB/s both directions together,
+# so 450 GB/s = 3600 Gbit/s each way; one 400 Gbit/s NIC (ConnectX-7, NDR InfiniBand) per GPU;
+# dense bf16 peak 989 TFLOP/s, of which ~40% (400) is a sustained rate for large matmuls.
+H100_NVLINK_GBPS = 3600.0
+H100_NIC_GBPS = 400.0
+H100_SUSTAINED_TFLOPS = 400.0
+
 
 class Offload(str, Enum):
     """Where ZeRO-3 keeps the parameter shards (``zero_optimization.offload_param.device``)."""
@@ -58,6 +65,7 @@ class ZeroSettings:
     persistence_threshold: int = DEFAULT_PERSISTENCE
     nvme_buffer_count: int = DEFAULT_NVME_BUFFER_COUNT
     nvme_buffer_size: int = DEFAULT_NVME_BUFFER_SIZE
+    hpz_partition_size: int = 1  # ZeRO++ hpZ: K ranks hold a secondary copy of the model; 0 or 1: off
     # The section's defaults (SubZeroConfig() is not built bare: its validator reads a flat section).
     subzero: SubZeroConfig = field(default_factory=lambda: SubZeroConfig.from_section({}))
 
@@ -94,6 +102,10 @@ class ZeroSettings:
         :func:`~subzero_ds.memory.estimate`)."""
         return replace(self, subzero=self.subzero.model_copy(update={"fused": fused}))
 
+    def hpz_group(self, world: int) -> int:
+        """Ranks in an hpZ group, K (DeepSpeed caps it at the world size); 1 when hpZ is off."""
+        return max(1, min(self.hpz_partition_size, world))
+
 
 def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSettings:
     """Read a DeepSpeed config (JSON path or dict) into :class:`ZeroSettings`.
@@ -113,23 +125,38 @@ def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSet
             f"{source}: `zero_optimization.stage` is {deepspeed.stage!r}; the planner models ZeRO-3 "
             "(partitioned parameters). Set it to 3."
         )
+    hpz = deepspeed.section.get("zero_optimization", {}).get("zero_hpz_partition_size", 1)
+    if isinstance(hpz, bool) or not isinstance(hpz, int) or hpz < 0:
+        raise MemoryPlanError(
+            f"{source}: `zero_optimization.zero_hpz_partition_size` is {hpz!r}; it must be a whole number >= 0 "
+            "(0 or 1: hpZ off). Set it to the GPUs per node, or remove it."
+        )
     return ZeroSettings(
         precision=deepspeed.precision.value, offload=Offload(deepspeed.offload_device),
         prefetch_bucket=deepspeed.prefetch_bucket_size, max_live=deepspeed.max_live_parameters,
         max_reuse=deepspeed.max_reuse_distance, persistence_threshold=deepspeed.persistence_threshold,
-        nvme_buffer_count=deepspeed.nvme_buffer_count, nvme_buffer_size=deepspeed.nvme_buffer_size, subzero=settings,
+        nvme_buffer_count=deepspeed.nvme_buffer_count, nvme_buffer_size=deepspeed.nvme_buffer_size,
+        hpz_partition_size=hpz, subzero=settings,
     )
 
 
 @dataclass(frozen=True)
 class Cluster:
-    """The machines: ``nodes`` × ``gpus_per_node`` ranks; memory per GPU and per node, in GiB."""
+    """The machines: ``nodes`` × ``gpus_per_node`` ranks; memory per GPU and per node, in GiB.
+
+    The step time reads the links and the compute rate, per GPU: ``intra_node_gbps`` (Gbit/s each
+    way between GPUs of a node), ``inter_node_gbps`` (Gbit/s of network each way), ``tflops``
+    (sustained dense TFLOP/s). The defaults are an H100 SXM node's (NVLink 4, one 400G NIC per GPU).
+    """
 
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0
     cpu_memory_gib: float = 1024.0
     nvme_gib: float | None = None  # per node; None: not checked
+    intra_node_gbps: float = H100_NVLINK_GBPS
+    inter_node_gbps: float = H100_NIC_GBPS
+    tflops: float = H100_SUSTAINED_TFLOPS
 
     @property
     def world(self) -> int:

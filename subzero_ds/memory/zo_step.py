@@ -22,6 +22,11 @@
 - **in-place backup** (not in fused mode): a copy of this rank's trainable shard in the parameter
   dtype for exact restore, plus a whole copy of every persistent trainable parameter; it lives
   where the shards live (CPU memory under NVMe offload: DeepSpeed does not swap it);
+- **hpZ secondary copy** (ZeRO++, ``zero_hpz_partition_size`` = K > 1): besides its 1/N shard,
+  every rank keeps a 1/K slice of the model, so that a group of K ranks (a node) holds it whole and
+  each forward after the first gathers inside the group. DeepSpeed allocates it on the shards'
+  device (``_partition_param_sec``: GPU, or CPU memory under CPU offload). In place, the forwards
+  read the perturbed secondary copy, so exact restore backs it up too (another 1/K);
 - **direction factors**: a method whose matrix directions live in a rank-r subspace
   (``MethodSpec.subspace_rank``: SubZero) keeps U (m×r), Vᵀ (r×n) and the step's μZVᵀ (r×n) in fp32
   for every trainable matrix, r·(m+2n)·4 bytes; MeZO nothing (its direction is generated and
@@ -159,6 +164,7 @@ def zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: Ba
         backup_tier = "cpu" if zero.offload is Offload.NVME else on_shard_tier
         backup = shard_elements(arch, world) * p + persistent  # shard copy + whole persistent copies
         items.append(Item("in-place backup of the trainable shard", **{backup_tier: backup}))
+    items.extend(_hpz_items(arch, zero, world, on_shard_tier))
     items.append(Item("persistent parameters (gathered)", gpu=persistent))
 
     # Gathered working set at the two candidate peaks of the forward.
@@ -215,6 +221,18 @@ def zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: Ba
         items.append(Item(label, **{"cpu" if zero.offload is not Offload.NONE else "gpu": state}))
     items.extend(runtime_items(device, p))
     return [on_device(item, device) for item in items], moment
+
+
+def _hpz_items(arch: Architecture, zero: ZeroSettings, world: int, tier: str) -> list[Item]:
+    """ZeRO++ hpZ's secondary copy, 1/K of the model per rank (and its in-place backup); none with hpZ off."""
+    group = zero.hpz_group(world)
+    if group == 1:
+        return []
+    secondary = shard_elements(arch, group) * zero.dtype_bytes
+    items = [Item(f"hpZ secondary copy (1/{group} of the model)", **{tier: secondary})]
+    if not zero.fused:
+        items.append(Item("in-place backup of the hpZ secondary copy", **{tier: secondary}))
+    return items
 
 
 def _method_state(arch: Architecture, zero: ZeroSettings, world: int) -> tuple[str, float]:

@@ -239,7 +239,7 @@ def test_eager_attention_counts_the_score_matrices():
 
 def test_cli_table_rejects_a_zero_batch(capsys):
     assert memory.main(["--table", "--batch-size", "0"]) == 2
-    assert "`batch_size` is 0" in capsys.readouterr().err
+    assert "`--batch-size` is 0" in capsys.readouterr().err
 
 
 def test_a_hub_id_is_read_from_the_hugging_face_cache(tmp_path, monkeypatch):
