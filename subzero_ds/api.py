@@ -96,8 +96,29 @@ def _deepspeed_engine(model: nn.Module, settings: DeepSpeedSettings, source: str
     numels = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in model.named_parameters()}
     raise_problems(environment.nvme_buffer_problems(settings, numels, get_world_size_and_rank()[0]), source)
     partition_for_nvme(model, settings, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
+    create_hpz_groups(ds_config)
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     return ds_engine
+
+
+def create_hpz_groups(ds_config: Mapping[str, Any]) -> None:
+    """Form ZeRO++ hpZ's groups of ``zero_hpz_partition_size`` consecutive ranks, with DeepSpeed's own function.
+
+    ``deepspeed.initialize`` without an optimizer would call ``_set_zero_group_parallelism``, which
+    only its ZeRO-3 optimizer has (AttributeError, DeepSpeed ≤ 0.19.8); it skips that call when the
+    groups exist. ``zero.Init`` (``HfDeepSpeedConfig`` + ``from_pretrained``) forms them the same way.
+    DeepSpeed keeps them in a global that every later engine of the process would use, hpZ or not:
+    groups of another size are dropped first.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    size = int(ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1))
+    existing = groups._get_zero_param_intra_parallel_group()
+    if existing is not None and dist.get_world_size(existing) != min(size, dist.get_world_size()):
+        groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None  # a previous engine's
+    if size > 1 and groups._get_zero_param_intra_parallel_group() is None:
+        groups._create_zero_param_parallel_group(size)
 
 
 def _check_trainable(shards: list[ParamShard], settings: SubZeroConfig) -> None:

@@ -10,7 +10,10 @@ Exact restore: in-place probing first copies this rank's trainable shards into a
 of the same dtype on the same device; θ ± εD are computed from it in fp32 and the update is written
 from it, so a step with lr = 0 leaves every parameter bit-identical (no +ε, −2ε, +ε drift). Extra
 memory: one copy of this rank's trainable shard in the parameter dtype (full fine-tuning: model
-bytes / world size; PEFT: the adapter only).
+bytes / world size; PEFT: the adapter only). With ZeRO++ hpZ every write also reaches this rank's
+range of the secondary copy that forwards gather from (:mod:`subzero_ds.zero.shards`), computed from
+the same positions of the same direction, so the two copies stay bit-identical; the backup then
+holds that range too (another model bytes / K).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Backup:
 
     Persistent ZeRO-3 parameters (small; DeepSpeed keeps them gathered) are backed up whole, so
     that their gathered copy can be written alongside the shard and no forward has to gather them
-    again.
+    again. Under hpZ each parameter's secondary range is backed up beside its shard.
     """
 
     def __init__(self, shards: list[ParamShard]) -> None:
@@ -43,6 +46,7 @@ class Backup:
         self.local = [torch.empty(s.local_numel, dtype=s.dtype, device=s.device) for s in shards]
         self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
         self.whole: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
+        self.secondary: dict[int, torch.Tensor] = {}  # shard index -> its hpZ secondary range's θ
 
     def save_(self) -> None:
         """Copy the current shards. Collective under ZeRO-3: the first time, a persistent parameter that is
@@ -51,6 +55,7 @@ class Backup:
             for shard, backup in zip(self.shards, self.local):
                 with shard.swapped_in() as local:
                     backup.copy_(local)
+            self.secondary = {i: copy.clone() for i, s in enumerate(self.shards) if (copy := s.secondary()) is not None}
             not_gathered = [self.shards[i].param for i in self._persistent if self.shards[i].gathered() is None]
             with deepspeed.zero.GatheredParameters(not_gathered):  # a no-op once they stay gathered
                 self.whole = {i: self.shards[i].param.data.view(-1).clone() for i in self._persistent}
@@ -75,6 +80,9 @@ class ShardWriter:
         self.update_rounding = update_rounding
         self._release_gathered = release_gathered
         self.targets = [write_range(shard) for shard in shards]
+        # hpZ: where each secondary range is written. No state is allocated for them: a method with
+        # per-element state is refused under hpZ (config/environment.py), a subspace state is per parameter.
+        self.secondary_targets = [secondary_write_range(shard) for shard in shards]
         method.direction.allocate_(self.targets)
         method.update.allocate_(self.targets)
 
@@ -95,6 +103,8 @@ class ShardWriter:
             for shard, backup in zip(self.shards, theta.local):
                 with shard.swapped_in() as local:  # an NVMe shard is written back on exit
                     local.copy_(backup)
+            for index, backup in theta.secondary.items():
+                self.shards[index].secondary().copy_(backup)
             for index, backup in theta.whole.items():
                 gathered = self.shards[index].gathered()
                 if gathered is not None:
@@ -139,22 +149,28 @@ class ShardWriter:
 
         θ is ``theta``'s copy, or the shard itself when None. A persistent parameter is computed once,
         whole, into its gathered copy (from its whole backup, or from that copy itself), and its owned
-        range copied into the shard: the two stay bit-identical however their devices compute. A
-        gathered copy with no whole θ to write it from is left stale, and released.
+        range copied into the shard (and its hpZ secondary range): the copies stay bit-identical however
+        their devices compute. A gathered copy with no whole θ to write it from is left stale, and released.
+        An hpZ secondary range is otherwise written like the shard, from its own θ.
         """
         stale = False
         with torch.no_grad():
             for index, (shard, target) in enumerate(zip(self.shards, self.targets)):
                 with shard.swapped_in() as local:  # an NVMe shard is written back on exit
-                    gathered = shard.gathered()
+                    gathered, secondary = shard.gathered(), shard.secondary()
                     source = gathered if theta is None else theta.whole.get(index)
                     if gathered is not None and source is not None:
                         writer(target, gathered, source, 0)
                         if not _same_storage(gathered, local):
                             local.copy_(gathered.narrow(0, shard.start, shard.local_numel))
-                    else:
-                        stale |= gathered is not None
-                        writer(target, local, local if theta is None else theta.local[index], shard.start)
+                        if secondary is not None:
+                            secondary.copy_(gathered.narrow(0, shard.secondary_start, secondary.numel()))
+                        continue
+                    stale |= gathered is not None
+                    writer(target, local, local if theta is None else theta.local[index], shard.start)
+                    if secondary is not None:
+                        writer(self.secondary_targets[index], secondary,
+                               secondary if theta is None else theta.secondary[index], shard.secondary_start)
         self._settle(stale)
 
     def _settle(self, stale: bool) -> None:
@@ -171,6 +187,15 @@ def write_range(shard: ParamShard) -> WriteRange:
     if shard.is_persistent:
         return WriteRange(shard.name, shard.shape, 0, shard.numel, shard.param.device, shard.is_matrix, shard.dtype)
     return WriteRange(shard.name, shard.shape, shard.start, shard.end, shard.device, shard.is_matrix, shard.dtype)
+
+
+def secondary_write_range(shard: ParamShard) -> WriteRange | None:
+    """Where the writer writes ``shard``'s hpZ secondary range (None without one)."""
+    if shard.secondary_end == shard.secondary_start:
+        return None
+    device = shard.param.ds_secondary_tensor.device if shard.param.ds_secondary_tensor is not None else shard.device
+    return WriteRange(shard.name, shard.shape, shard.secondary_start, shard.secondary_end, device, shard.is_matrix,
+                      shard.dtype)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

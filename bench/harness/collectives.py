@@ -26,6 +26,8 @@ class CollectiveCounter:
         active: whether calls are counted now.
         gathered, reduced: bytes all-gathered and reduced since the last :meth:`take`.
         all_reduces: the number of elements of every all-reduce counted, in order.
+        gathered_by_group: bytes all-gathered per process group, keyed by the group's global ranks (ZeRO++
+            hpZ gathers inside a node's group, plain ZeRO-3 over the world).
         parameter_gathers: per parameter name, how often ZeRO-3 gathered it (only for the parameters
             given to :meth:`count_parameter_gathers`).
     """
@@ -48,6 +50,7 @@ class CollectiveCounter:
         self.active = False
         self.gathered = self.reduced = 0
         self.all_reduces: list[int] = []
+        self.gathered_by_group: Counter[tuple[int, ...]] = Counter()
         self.parameter_gathers: Counter[str] = Counter()
         self._depth = 0
 
@@ -89,6 +92,7 @@ class CollectiveCounter:
                 moved = size(args, kwargs)
                 if gather:
                     self.gathered += moved
+                    self.gathered_by_group[_ranks(kwargs.get("group", args[2] if len(args) > 2 else None))] += moved
                 else:
                     self.reduced += moved
                 if all_reduce:
@@ -106,6 +110,15 @@ class CollectiveCounter:
         counts = (self.gathered, self.reduced)
         self.gathered = self.reduced = 0
         return counts
+
+
+def _ranks(group: Any) -> tuple[int, ...]:
+    """The global ranks of a process group (None: the world). Every gather named here takes it third."""
+    import torch.distributed as dist
+
+    if group is None:
+        return tuple(range(dist.get_world_size()))
+    return tuple(dist.get_process_group_ranks(group))
 
 
 def _numel(value: Any) -> int:

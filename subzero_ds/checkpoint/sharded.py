@@ -350,6 +350,9 @@ def load_sharded(path: str | os.PathLike, shards: list[ParamShard],
             values = read_range(path, manifest, shard.name, shard.start, shard.end)
             with shard.swapped_in() as local:  # an NVMe-offloaded shard is written back on exit
                 local.copy_(values.to(shard.param.dtype))
+            if (secondary := shard.secondary()) is not None:  # hpZ: the copy forwards gather from
+                secondary.copy_(read_range(path, manifest, shard.name, shard.secondary_start, shard.secondary_end)
+                                .to(shard.param.dtype))
         for entry in method_state or []:
             values = read_range(path, manifest, entry.name, entry.offset, entry.offset + entry.tensor.numel())
             entry.tensor.copy_(values.view(entry.tensor.shape))

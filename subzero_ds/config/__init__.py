@@ -48,9 +48,35 @@ def parse(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") ->
         problems.extend(section_problems)
     deepspeed, deepspeed_problems = parse_deepspeed(ds_config)
     problems.extend(deepspeed_problems)
+    if settings is not None and deepspeed is not None:
+        problems.extend(hpz_state_problems(settings, deepspeed))
     raise_problems(problems, source)
     assert settings is not None and deepspeed is not None
     return settings, deepspeed
+
+
+def hpz_partition_size(deepspeed: DeepSpeedSettings) -> int:
+    """ZeRO++ hpZ's group size K (``zero_optimization.zero_hpz_partition_size``; 1: no secondary copy)."""
+    zero = deepspeed.section.get("zero_optimization") or {}
+    size = zero.get("zero_hpz_partition_size", 1) if isinstance(zero, Mapping) else 1
+    return size if isinstance(size, int) else 1
+
+
+def hpz_state_problems(settings: SubZeroConfig, deepspeed: DeepSpeedSettings) -> list[str]:
+    """hpZ's secondary copy is written like the shard, but per-element method state exists for the shard's
+    range only: a method or update rule that keeps such state is refused under hpZ."""
+    from ..methods import registry
+
+    size = hpz_partition_size(deepspeed)
+    if size <= 1 or deepspeed.stage != 3:
+        return []
+    stateful = [(key, spec) for key, spec in (("method", registry.method(settings.method)),
+                                               ("update", registry.update(settings.update)))
+                if spec.state_bytes_per_element]
+    return [f"`subzero.{key}` is {spec.name!r}, which keeps per-element state ({spec.state_name}) that subzero_ds does "
+            f"not yet keep for ZeRO++ hpZ's secondary copy (`zero_optimization.zero_hpz_partition_size` is {size}). "
+            f"Use `\"update\": \"sgd\"` with `\"method\"` subzero, mezo, rademacher or sparse_mezo under hpZ, or remove "
+            "zero_hpz_partition_size (plain ZeRO-3 serves every method)." for key, spec in stateful]
 
 
 def parse_config(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> SubZeroConfig:

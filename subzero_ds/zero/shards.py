@@ -11,6 +11,13 @@ reached only inside ``with shard.swapped_in() as local:``, which reads it into o
 swap buffers and writes it back afterwards; DeepSpeed itself releases a partition after a forward
 *without* writing it, so an edit made any other way is silently lost. ``offload_param: {"device":
 "cpu"}`` needs nothing special: the partition is an ordinary CPU tensor.
+
+With ZeRO++ hpZ (``zero_hpz_partition_size`` = K) a parameter has a second copy: the ranks of each
+group of K consecutive ranks (a node) also hold 1/K of it each (``p.ds_secondary_tensor``), and a
+forward gathers from that copy, inside the group, so no layer crosses the nodes' network. DeepSpeed
+refreshes it only in its own optimizer's step: every write of ours must reach it too, or the
+forwards silently read the old weights. A rank's secondary range is a pure function of its place
+in its group, so it is written from the same positions of the same direction, with no communication.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class ParamShard:
         param: the parameter itself.
         shape: its full (unpartitioned) shape.
         start, end: this rank's flat range [start, end) of the full parameter (may be empty).
+        secondary_start, secondary_end: this rank's flat range of hpZ's secondary copy (empty without hpZ).
     """
 
     name: str
@@ -43,6 +51,8 @@ class ParamShard:
     shape: tuple[int, ...]
     start: int
     end: int
+    secondary_start: int = 0
+    secondary_end: int = 0
 
     @property
     def numel(self) -> int:
@@ -116,6 +126,14 @@ class ParamShard:
             swapper.swap_out_and_release([self.param])
 
 
+    def secondary(self) -> torch.Tensor | None:
+        """A 1-D view of this rank's range of hpZ's secondary copy (padding excluded), or None when the
+        parameter has none (no hpZ, or DeepSpeed has not built it yet)."""
+        copy = getattr(self.param, "ds_secondary_tensor", None)
+        if copy is None or self.secondary_end == self.secondary_start:
+            return None
+        return copy.data.view(-1)[: self.secondary_end - self.secondary_start]
+
     @property
     def is_persistent(self) -> bool:
         """Whether ZeRO-3 keeps this (small) parameter gathered between forwards."""
@@ -138,7 +156,8 @@ def order_before_gathers(shards: list[ParamShard]) -> None:
     DeepSpeed gathers on its own CUDA stream, with no dependency on the stream our kernels ran on:
     without this, the next forward could gather a half-written shard. Host shards need nothing.
     """
-    devices = {shard.device for shard in shards} | {s.param.device for s in shards if s.gathered() is not None}
+    devices = ({shard.device for shard in shards} | {s.param.device for s in shards if s.gathered() is not None}
+               | {copy.device for s in shards if (copy := s.secondary()) is not None})
     for device in devices:
         if device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.current_stream(device).synchronize()
@@ -161,6 +180,21 @@ def owned_range(param: nn.Parameter) -> tuple[int, int]:
     return start, min(start + partition_size, numel)
 
 
+def secondary_range(param: nn.Parameter) -> tuple[int, int]:
+    """This rank's flat range of ``param``'s hpZ secondary copy; empty without hpZ.
+
+    As DeepSpeed cuts it (``Init._partition_param_sec``): the padded parameter in K equal parts, K the
+    hpZ group size, part j for the rank of index j in its group.
+    """
+    group = getattr(param, "ds_zero_param_process_group", None)
+    if not is_partitioned(param) or group is None:
+        return 0, 0
+    numel = int(param.ds_numel)
+    size = int(param.ds_tensor.ds_numel) * int(param.ds_secondary_tensor_num_of_groups)
+    start = min(dist.get_rank(group=group) * size, numel)
+    return start, min(start + size, numel)
+
+
 def collect_shards(model: nn.Module) -> list[ParamShard]:
     """A :class:`ParamShard` for every parameter with ``requires_grad`` (tied weights once)."""
     shards = []
@@ -169,7 +203,9 @@ def collect_shards(model: nn.Module) -> list[ParamShard]:
             continue
         shape = tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
         start, end = owned_range(param)
-        shards.append(ParamShard(name=name, param=param, shape=shape, start=start, end=end))
+        secondary_start, secondary_end = secondary_range(param)
+        shards.append(ParamShard(name=name, param=param, shape=shape, start=start, end=end,
+                                 secondary_start=secondary_start, secondary_end=secondary_end))
     return shards
 
 
