@@ -42,6 +42,14 @@ class Direction(ABC):
         is computed on that device, in fp32.
         """
 
+    def apply_mean_(self, out: torch.Tensor, src: torch.Tensor, name: str, shape: tuple[int, ...], step: int,
+                    start: int, grads: list[float], beta: float, alpha: float, rounding_key: RoundingKey = None) -> None:
+        """``out = beta·src + alpha·(1/q)·Σ_j g_j·D_{step,j}`` over q = len(grads) queries: one :meth:`apply_`
+        pass per query (each rounded to ``out``'s dtype); a direction that can sum them first overrides it."""
+        for query, grad in enumerate(grads):
+            self.apply_(out, src if query == 0 else out, name, shape, step, start, beta=beta if query == 0 else 1.0,
+                        alpha=alpha * grad / len(grads), rounding_key=rounding_key, query=query)
+
     def full(self, name: str, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu",
              query: int = 0) -> torch.Tensor:
         """The whole fp32 D_{step,query} of ``name`` in its own shape, on ``device`` (the values of every slice)."""

@@ -7,7 +7,8 @@ from .registry import NoOptions, UpdateSpec, register_update
 
 
 class SGD(UpdateRule):
-    """ZO-SGD: one generate-and-apply pass per query, straight into the shard.
+    """ZO-SGD: the mean of the queries' g_j·D_j written straight into the shard (SubZero: one pass, a pass per
+    query for Gaussian directions).
 
     Args:
         direction: the method's direction.
@@ -18,12 +19,9 @@ class SGD(UpdateRule):
         self.direction, self.weight_decay = direction, weight_decay
 
     def write_(self, target, out, src, start, update, rounding_key):
-        queries = len(update.grads)
-        for query, grad in enumerate(update.grads):
-            first = query == 0
-            self.direction.apply_(out, src if first else out, target.name, target.shape, update.step, start,
-                                  beta=decay_factor(target, update.lr, self.weight_decay) if first else 1.0,
-                                  alpha=-update.lr * grad / queries, rounding_key=rounding_key, query=query)
+        self.direction.apply_mean_(out, src, target.name, target.shape, update.step, start, update.grads,
+                                   beta=decay_factor(target, update.lr, self.weight_decay), alpha=-update.lr,
+                                   rounding_key=rounding_key)
 
 
 register_update(UpdateSpec(name="sgd", options=NoOptions,

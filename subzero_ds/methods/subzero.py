@@ -171,6 +171,14 @@ class SubspaceDirection(Direction):
         kernels.apply_(out, src, beta=beta, alpha=alpha, offset=start, lowrank=(factors.u, factors.core_vt),
                        rounding_key=rounding_key)
 
+    def apply_mean_(self, out, src, name, shape, step, start, grads, beta, alpha, rounding_key=None):
+        """Several queries of a matrix share its window's U, V: Σ_j g_j·μ·U·Z_j·Vᵀ = μ·U·(Σ_j g_j·Z_j)·Vᵀ is one
+        low-rank pass, whatever the number of queries (perturbation mode's R·q included)."""
+        if len(shape) != 2 or len(grads) == 1:
+            return super().apply_mean_(out, src, name, shape, step, start, grads, beta, alpha, rounding_key)
+        coordinates = sum(grad * self.z(name, shape, step, out.device, query) for query, grad in enumerate(grads))
+        self.apply_coordinates_(out, src, name, shape, step, start, coordinates / len(grads), beta, alpha, rounding_key)
+
     def coordinate_state(self, target: WriteRange, kinds: tuple[str, ...]) -> SubspaceState | None:
         """r×r state for a matrix (its update rule's moments of g·Z); None for biases and norms."""
         if len(target.shape) != 2:
