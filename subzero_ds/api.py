@@ -16,13 +16,16 @@ import torch
 from torch import nn
 
 from . import methods
-from .config import ConfigError, DeepSpeedSettings, SubZeroConfig, UpdateRounding, environment, load_ds_config, parse
+from .config import (ConfigError, DeepSpeedSettings, ReplicaMode, SubZeroConfig, UpdateRounding, environment,
+                     hpz_partition_size, load_ds_config, parse)
+from .config.deepspeed import deepspeed_accepts
 from .config.errors import raise_problems
 from .distributed import disagreements, get_world_size_and_rank, init_distributed, log
 from .engine import SubZeroEngine
 from .loss import LossFn
 from .seeds import stable_seed
 from .zero.nvme import partition_for_nvme
+from .zero.replicas import Replicas
 from .zero.shards import ParamShard, collect_shards
 
 
@@ -59,21 +62,29 @@ def initialize(
     source = "the DeepSpeed config dict" if isinstance(config, Mapping) else repr(os.fspath(config))
     ds_config = load_ds_config(config)
     settings, deepspeed_settings = parse(ds_config, source)
+    raise_problems(deepspeed_accepts(deepspeed_settings.section), source)  # DeepSpeed's own parser, before it runs
     raise_problems(environment.nvme_offload_problems(deepspeed_settings), source)
 
     init_distributed(timeout=settings.collective_timeout)
+    raise_problems(environment.hpz_problems(deepspeed_settings, get_world_size_and_rank()[0]), source)
     _agree(settings, ds_config, model)
     ds_engine = _deepspeed_engine(model, deepspeed_settings, source)
     shards = collect_shards(ds_engine.module)
     _check_trainable(shards, settings)
     frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
-    method = methods.build(settings, frozen_parameters=frozen)
+    replicas = Replicas.of(settings.replica_mode, deepspeed_settings.stage, hpz_partition_size(deepspeed_settings),
+                           *get_world_size_and_rank(), queries=settings.queries)
+    if settings.replica_mode is ReplicaMode.PERTURBATION and not replicas.splits_directions:
+        log(f"subzero_ds: replica_mode \"perturbation\" with one replica group ({replicas.size} rank(s) hold the one "
+            "model copy) is data mode; use ZeRO++ hpZ (zero_hpz_partition_size) or ZeRO-0 for several groups")
+    method = methods.build(settings, frozen_parameters=frozen, queries=replicas.step_queries)
     log(f"subzero_ds: {settings.method} ({settings.update}, {settings.queries} quer"
         f"{'y' if settings.queries == 1 else 'ies'}, {deepspeed_settings.accumulation_steps} micro-batch(es) per step) "
         f"on {len(shards)} trainable tensors ({sum(s.numel for s in shards):,} elements), "
         f"ZeRO stage {deepspeed_settings.stage}, lr={settings.lr:g}, eps={settings.eps:g}, {settings.options!r}, "
-        f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}")
-    return SubZeroEngine(ds_engine, settings, method, shards, loss_fn, deepspeed_settings.accumulation_steps)
+        f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}, "
+        f"{replicas.describe()}")
+    return SubZeroEngine(ds_engine, settings, method, shards, loss_fn, deepspeed_settings.accumulation_steps, replicas)
 
 
 def _agree(settings: SubZeroConfig, ds_config: Mapping[str, Any], model: nn.Module) -> None:
@@ -96,13 +107,14 @@ def _deepspeed_engine(model: nn.Module, settings: DeepSpeedSettings, source: str
     numels = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in model.named_parameters()}
     raise_problems(environment.nvme_buffer_problems(settings, numels, get_world_size_and_rank()[0]), source)
     partition_for_nvme(model, settings, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
-    create_hpz_groups(ds_config)
+    create_hpz_groups(hpz_partition_size(settings))
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     return ds_engine
 
 
-def create_hpz_groups(ds_config: Mapping[str, Any]) -> None:
-    """Form ZeRO++ hpZ's groups of ``zero_hpz_partition_size`` consecutive ranks, with DeepSpeed's own function.
+def create_hpz_groups(size: int) -> None:
+    """Form ZeRO++ hpZ's groups of ``size`` consecutive ranks (``zero_hpz_partition_size``), with DeepSpeed's own
+    function.
 
     ``deepspeed.initialize`` without an optimizer would call ``_set_zero_group_parallelism``, which
     only its ZeRO-3 optimizer has (AttributeError, DeepSpeed ≤ 0.19.8); it skips that call when the
@@ -113,7 +125,6 @@ def create_hpz_groups(ds_config: Mapping[str, Any]) -> None:
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    size = int(ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1))
     existing = groups._get_zero_param_intra_parallel_group()
     if existing is not None and dist.get_world_size(existing) != min(size, dist.get_world_size()):
         groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None  # a previous engine's

@@ -25,7 +25,7 @@ from .checkpoint.compatibility import check_resumable
 from .checkpoint.export import save_hf_weights
 from .checkpoint.sharded import MANIFEST, latest_checkpoint, load_sharded, read_manifest, read_range, save_sharded
 from .config import SubZeroConfig
-from .distributed import log, mean_over_ranks, sum_over_ranks
+from .distributed import get_world_size_and_rank, log, mean_over_ranks, sum_over_ranks
 from .kernels import GENERATOR
 from .loss import LossFn, forward_loss, model_loss
 from .methods import ZOMethod
@@ -33,6 +33,7 @@ from .methods.base import UpdateStep
 from .phases import phase
 from .probes import FusedProbes, InPlaceProbes, Probes
 from .writer import ShardWriter
+from .zero.replicas import Replicas
 from .zero.shards import ParamShard
 
 Batch = Mapping[str, Any]
@@ -85,16 +86,19 @@ class SubZeroEngine:
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's own loss, a
             language-model loss scored inside the LM head (:mod:`subzero_ds.loss`).
         accumulation_steps: micro-batches per step on each rank.
+        replicas: the replica groups and what they share (default: one set of directions, data parallel).
     """
 
     def __init__(self, ds_engine: Any, config: SubZeroConfig, method: ZOMethod, shards: list[ParamShard],
-                 loss_fn: LossFn | None = None, accumulation_steps: int = 1) -> None:
+                 loss_fn: LossFn | None = None, accumulation_steps: int = 1, replicas: Replicas | None = None) -> None:
         self.ds_engine, self.config, self.method, self.shards = ds_engine, config, method, shards
         self.loss_fn = loss_fn or model_loss
+        self.replicas = replicas or Replicas(queries=config.queries)
         self.writer = ShardWriter(shards, method, config.eps, config.update_rounding,
                                   release_gathered=lambda: ds_engine.optimizer.empty_partition_cache())
-        self.probes: Probes = (FusedProbes(self.module, self.writer, method.estimator, config.eps, self.loss_fn)
-                               if config.fused else InPlaceProbes(self.module, self.writer, method.estimator, self.loss_fn))
+        self.probes: Probes = (
+            FusedProbes(self.module, self.writer, method.estimator, config.eps, self.loss_fn, self.replicas)
+            if config.fused else InPlaceProbes(self.module, self.writer, method.estimator, self.loss_fn, self.replicas))
         self.accumulation_steps = accumulation_steps
         self.learning_rate = config.lr  # a schedule (e.g. the HF Trainer's) may change it between steps
         self.global_step = 0
@@ -145,12 +149,21 @@ class SubZeroEngine:
         self.global_step += 1
         return result
 
+    def _direction_settings(self) -> dict[str, Any]:
+        """What the trajectory depends on: the config's direction settings, with ``queries`` the directions per step
+        over all replica groups (so a run resumes across replica modes that estimate the same directions)."""
+        return {**self.config.direction_settings(), "queries": self.replicas.step_queries}
+
     def _mean_over_micro_batches_and_ranks(self) -> list[float]:
-        """Each probe's loss averaged over the step's micro-batches, then over ranks (one all-reduce)."""
+        """Each probe's loss averaged over the step's micro-batches, then over the ranks that measured it
+        (all of them, or its replica group's): one all-reduce."""
         means = [sum(column) / len(column) for column in zip(*self._micro_batches)]
         self._micro_batches = []
+        world_size, _ = get_world_size_and_rank()
         with phase("all-reduce"):
-            return mean_over_ranks(*means)
+            sums = sum_over_ranks(*means)
+        return [total / self.replicas.contributors(probe, world_size)
+                for total, probe in zip(sums, self.method.estimator.probes())]
 
     def _result(self, step: int, losses: list[float], updated: bool = True) -> StepResult:
         """A :class:`StepResult` from the losses of the estimator's probes, in their order."""
@@ -207,7 +220,8 @@ class SubZeroEngine:
             raise RuntimeError(f"save_checkpoint after {len(self._micro_batches)} of the step's "
                                f"{self.accumulation_steps} micro-batches: save between steps (after the step's last "
                                "micro-batch).")
-        state = {"seed": self.config.seed, "settings": self.config.flat(), "generator": GENERATOR,
+        state = {"seed": self.config.seed, "settings": {**self.config.flat(), **self._direction_settings()},
+                 "generator": GENERATOR,
                  "consecutive_skips": self.consecutive_skips, "method": self.writer.scalars()}
         return save_sharded(root, self.global_step, self.shards, state, dict(extra or {}), keep_last,
                             self.writer.state())
@@ -233,7 +247,7 @@ class SubZeroEngine:
         if not (path / MANIFEST).is_file() and latest_checkpoint(path) is not None:
             path = latest_checkpoint(path)
         manifest = read_manifest(path)
-        check_resumable(path, manifest, self.config.direction_settings())
+        check_resumable(path, manifest, self._direction_settings())
         load_sharded(path, self.shards, self.writer.state())
         self.writer.load_scalars_(manifest.state.get("method", {}))
         with torch.no_grad():  # DeepSpeed never re-reads the shard of a parameter it keeps gathered

@@ -2,7 +2,8 @@
 
 A probe is the model at θ + sign·ε·D_{t,j} (sign ±1, query j) or at θ itself (sign 0, HiZOO's ℓ0);
 the method's estimator lists them. Both strategies return every probe's loss on a micro-batch, in
-the estimator's order, and leave θ where the update expects it:
+the estimator's order (0.0 for a probe another replica group measures, ``zero/replicas.py``), and
+leave θ where the update expects it:
 
 - :class:`InPlaceProbes` writes θ ± εD into the shards before each forward, from a backup of θ
   taken at the step's first micro-batch; the update then reads θ from that backup.
@@ -23,6 +24,7 @@ from .loss import LossFn, computes_language_model_loss, forward_loss
 from .methods import Estimator
 from .phases import phase
 from .writer import Backup, ShardWriter
+from .zero.replicas import Replicas
 
 
 class Probes(Protocol):
@@ -49,10 +51,13 @@ class InPlaceProbes:
         writer: writes this rank's shards.
         estimator: the method's probes.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        replicas: which of the probes this rank measures.
     """
 
-    def __init__(self, model: nn.Module, writer: ShardWriter, estimator: Estimator, loss_fn: LossFn) -> None:
+    def __init__(self, model: nn.Module, writer: ShardWriter, estimator: Estimator, loss_fn: LossFn,
+                 replicas: Replicas = Replicas()) -> None:
         self.model, self.writer, self.estimator, self.loss_fn = model, writer, estimator, loss_fn
+        self.replicas = replicas
         self.theta = Backup(writer.shards)
         self._perturbed = False
 
@@ -62,6 +67,9 @@ class InPlaceProbes:
     def losses(self, batch: Any, step: int) -> list[float]:
         losses = []
         for probe in self.estimator.probes():
+            if not self.replicas.evaluates(probe):
+                losses.append(0.0)
+                continue
             if probe.sign:
                 self.writer.perturb_(step, probe.sign, probe.query, self.theta)
                 self._perturbed = True
@@ -86,13 +94,14 @@ class FusedProbes:
         eps: ε.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; one that declares
             ``computes_language_model_loss`` is scored inside the LM head, both halves in one pass.
+        replicas: which of the probes this rank measures.
     """
 
     theta = None
 
     def __init__(self, model: nn.Module, writer: ShardWriter, estimator: Estimator, eps: float,
-                 loss_fn: LossFn) -> None:
-        self.model, self.estimator, self.loss_fn = model, estimator, loss_fn
+                 loss_fn: LossFn, replicas: Replicas = Replicas()) -> None:
+        self.model, self.estimator, self.loss_fn, self.replicas = model, estimator, loss_fn, replicas
         self.fused = FusedPass(model, writer.shards, writer.method.direction, eps)
 
     def begin_step_(self) -> None:
@@ -102,6 +111,9 @@ class FusedProbes:
         self.model.eval()  # dropout off: both halves must see the same function
         losses = []
         for probe in self.estimator.probes():
+            if not self.replicas.evaluates(probe):
+                losses.append(0.0)
+                continue
             with phase("forward"), torch.no_grad():
                 if probe.sign == 0:
                     losses.append(forward_loss(self.loss_fn, self.model, batch))

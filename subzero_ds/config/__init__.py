@@ -19,10 +19,11 @@ from .deepspeed import DeepSpeedSettings, Precision, deepspeed_accepts, deepspee
 from .environment import unsupported_precision
 from .errors import SECTION, ConfigError, raise_problems, shown
 from .loading import load_ds_config
-from .subzero import SubZeroConfig, UpdateRounding, parse_section
+from .subzero import ReplicaMode, SubZeroConfig, UpdateRounding, parse_section
 
-__all__ = ["SECTION", "ConfigError", "DeepSpeedSettings", "Precision", "SubZeroConfig", "UpdateRounding",
-           "check_deepspeed_accepts", "deepspeed_section", "load_ds_config", "parse", "parse_config"]
+__all__ = ["SECTION", "ConfigError", "DeepSpeedSettings", "Precision", "ReplicaMode", "SubZeroConfig", "UpdateRounding",
+           "check_deepspeed_accepts", "deepspeed_section", "hpz_partition_size", "load_ds_config", "parse",
+           "parse_config"]
 
 
 def parse(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> tuple[SubZeroConfig, DeepSpeedSettings]:
@@ -56,10 +57,8 @@ def parse(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") ->
 
 
 def hpz_partition_size(deepspeed: DeepSpeedSettings) -> int:
-    """ZeRO++ hpZ's group size K (``zero_optimization.zero_hpz_partition_size``; 1: no secondary copy)."""
-    zero = deepspeed.section.get("zero_optimization") or {}
-    size = zero.get("zero_hpz_partition_size", 1) if isinstance(zero, Mapping) else 1
-    return size if isinstance(size, int) else 1
+    """ZeRO++ hpZ's group size K under ZeRO-3 (1: no secondary copy; DeepSpeed ignores it under ZeRO-0)."""
+    return deepspeed.hpz_partition_size if deepspeed.stage == 3 else 1
 
 
 def hpz_state_problems(settings: SubZeroConfig, deepspeed: DeepSpeedSettings) -> list[str]:
@@ -68,7 +67,7 @@ def hpz_state_problems(settings: SubZeroConfig, deepspeed: DeepSpeedSettings) ->
     from ..methods import registry
 
     size = hpz_partition_size(deepspeed)
-    if size <= 1 or deepspeed.stage != 3:
+    if size <= 1:
         return []
     stateful = [(key, spec) for key, spec in (("method", registry.method(settings.method)),
                                                ("update", registry.update(settings.update)))

@@ -28,6 +28,13 @@ class UpdateRounding(str, Enum):
     STOCHASTIC = "stochastic"  # round up or down with probability from the dropped bits (bf16): unbiased
 
 
+class ReplicaMode(str, Enum):
+    """What the replica groups (hpZ groups, or single ranks under ZeRO-0) of a run share."""
+
+    DATA = "data"  # each rank its own micro-batch, one set of directions: the global batch is over all ranks
+    PERTURBATION = "perturbation"  # every group the same batch and its own directions: R·q directions per step
+
+
 class CoreSettings(BaseModel):
     """The keys of the ``"subzero"`` section that every method has."""
 
@@ -50,6 +57,12 @@ class CoreSettings(BaseModel):
                     "(an update smaller than half an ulp of the weight survives in expectation).")
     update: str = Field("sgd", description=f"How g·D becomes the step, one of: {', '.join(registry.update_names())}.")
     queries: int = Field(1, ge=1, description="Directions per step q, an integer >= 1 (2q forwards; update: their mean).")
+    replica_mode: ReplicaMode = Field(
+        ReplicaMode.DATA, strict=False,
+        description='"data" or "perturbation": with R replica groups (ZeRO++ hpZ groups; under ZeRO-0 every rank), '
+                    '"data" gives each rank its own micro-batch; "perturbation" gives every group the same batch '
+                    "and its own q directions, R·q per step, at the time of q (each rank takes its share of the "
+                    "batch within its group).")
     max_consecutive_skips: int = Field(
         10, ge=1, description="Stop the run after this many consecutive steps with a non-finite loss, an integer >= 1.")
     collective_timeout: float = Field(
@@ -220,4 +233,13 @@ def fused_allowed(config: SubZeroConfig) -> str | None:
     return None
 
 
-RULES: tuple[Callable[[SubZeroConfig], str | None], ...] = (update_rule_allowed, queries_allowed, fused_allowed)
+def replica_mode_allowed(config: SubZeroConfig) -> str | None:
+    if config.replica_mode is ReplicaMode.PERTURBATION and not registry.method(config.method).multi_query:
+        return (f'`{SECTION}.replica_mode` is "perturbation", but `{SECTION}.method` "{config.method}" takes one '
+                f"direction per step, and perturbation mode gives each replica group its own: set `{SECTION}.replica_mode` "
+                'to "data", or use another method.')
+    return None
+
+
+RULES: tuple[Callable[[SubZeroConfig], str | None], ...] = (update_rule_allowed, queries_allowed, fused_allowed,
+                                                              replica_mode_allowed)

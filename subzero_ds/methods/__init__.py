@@ -34,15 +34,16 @@ class ZOMethod:
     update: UpdateRule
 
 
-def build(config: SubZeroConfig, frozen_parameters: bool = False) -> ZOMethod:
+def build(config: SubZeroConfig, frozen_parameters: bool = False, queries: int | None = None) -> ZOMethod:
     """The method the config asks for.
 
     Args:
         config: the validated ``"subzero"`` section.
         frozen_parameters: whether the model has frozen parameters (PEFT), which SubZero's
             ``"reshape": "auto"`` follows.
+        queries: directions per step over all replica groups (default ``config.queries``).
     """
     spec = registry.method(config.method)
     direction = spec.direction(config.options, config.seed, frozen_parameters)
     build_update = spec.update_rule or registry.update(config.update).build
-    return ZOMethod(direction, spec.estimator(config.queries), build_update(direction, config))
+    return ZOMethod(direction, spec.estimator(queries or config.queries), build_update(direction, config))

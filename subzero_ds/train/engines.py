@@ -18,7 +18,7 @@ import subzero_ds
 from subzero_ds.config import DeepSpeedSettings, load_ds_config, parse
 from subzero_ds.config.deepspeed import parse_deepspeed
 from subzero_ds.config.errors import raise_problems
-from subzero_ds.distributed import DEFAULT_COLLECTIVE_TIMEOUT
+from subzero_ds.distributed import DEFAULT_COLLECTIVE_TIMEOUT, get_world_size_and_rank
 from subzero_ds.engine import StepResult, SubZeroEngine
 from subzero_ds.loss import LossFn
 
@@ -38,7 +38,10 @@ class TrainingEngine(Protocol):
     accumulation_steps: int
     """Micro-batches per step on each rank (DeepSpeed's ``gradient_accumulation_steps``)."""
     forwards_per_micro_batch: int
-    """Forward passes a micro-batch costs (the ZO method's probes; first-order: 1 and its backward)."""
+    """Forward passes a micro-batch costs on this rank (its ZO probes; first-order: 1 and its backward)."""
+    batch_share: tuple[int, int]
+    """(index, count): which equal share of each step's batch this rank takes (its rank and the world size,
+    or, in perturbation mode, its index in its replica group and the group's size)."""
 
     @property
     def global_step(self) -> int:
@@ -80,7 +83,8 @@ class ZOEngine:
     def __init__(self, engine: SubZeroEngine) -> None:
         self.engine = engine
         self.accumulation_steps = engine.accumulation_steps
-        self.forwards_per_micro_batch = len(engine.method.estimator.probes())
+        self.forwards_per_micro_batch = sum(map(engine.replicas.evaluates, engine.method.estimator.probes()))
+        self.batch_share = engine.replicas.batch_share(*get_world_size_and_rank())
 
     @property
     def global_step(self) -> int:

@@ -19,7 +19,7 @@ from torch import nn
 
 from subzero_ds.checkpoint.sharded import CheckpointError
 from subzero_ds.config import SECTION, ConfigError
-from subzero_ds.distributed import mean_over_ranks
+from subzero_ds.distributed import get_world_size_and_rank, mean_over_ranks
 from subzero_ds.engine import to_device
 
 from .models import save_model
@@ -80,6 +80,8 @@ class FirstOrderEngine:
         self.module: nn.Module = self.ds_engine.module
         self.device = torch.device(self.ds_engine.device)
         self.monitor = self.ds_engine.monitor
+        world_size, rank = get_world_size_and_rank()
+        self.batch_share = (rank, world_size)
 
     def step(self, batch: Any) -> dict[str, Any]:
         """Forward, backward and (at the step's last micro-batch) DeepSpeed's optimizer step.

@@ -92,7 +92,7 @@ def _train(args: Args, config: EngineConfig, timeout: float, stop_signals: Preem
     resumed = setup_resume(args, engine, batches.state)
     metrics = setup_metrics(args, engine, resumed)
     warn_if_disk_short(args, engine)
-    world_size = batches.world_size
+    world_size = get_world_size_and_rank()[0]
 
     def evaluate(samples: list[Sample], step: int) -> dict[str, float]:
         scores = evaluate_task(engine.module, data.task, samples, model.encoder, args.eval.eval_batch_size,
@@ -101,7 +101,9 @@ def _train(args: Args, config: EngineConfig, timeout: float, stop_signals: Preem
         return scores
 
     log(f"task {data.task.name}: {len(data.train)} train, {len(data.dev)} dev, {len(data.eval)} eval examples; "
-        f"{world_size} rank(s) x {engine.accumulation_steps} micro-batch(es) x {per_device} per step")
+        f"{batches.world_size} rank(s) x {engine.accumulation_steps} micro-batch(es) x {per_device} per step"
+        + (f" (each of the {world_size // batches.world_size} replica groups the same batch)"
+           if batches.world_size != world_size else ""))
     if resumed is None:
         activity.now = "the zero-shot evaluation"
         zero_shot = evaluate(data.eval, 0)
@@ -153,7 +155,7 @@ def fit(args: Args, engine: TrainingEngine, batches: RankBatches, metrics: Metri
     first_step, last_step = engine.global_step + 1, args.train.max_steps  # unless the time budget ends it earlier
     progress = tqdm(total=args.train.max_steps, initial=first_step - 1, desc=f"{engine.description} steps",
                     disable=not is_main_process(), dynamic_ncols=True)
-    throughput = Throughput(engine.forwards_per_micro_batch, batches.world_size)
+    throughput = Throughput(engine.forwards_per_micro_batch, get_world_size_and_rank()[0])
     activity = activity or Activity()
 
     def stop_if_signalled(step: int, saved: bool) -> None:
@@ -231,8 +233,8 @@ def setup_model(args: Args, data: Data, config: EngineConfig) -> Model:
 
 def setup_batches(args: Args, data: Data, model: Model, engine: TrainingEngine, per_device: int) -> RankBatches:
     """This rank's encoded micro-batches of each step, once every rank is known to read the same data."""
-    world_size, rank = get_world_size_and_rank()
-    batches = RankBatches(data.train, args.data.seed, per_device, engine.accumulation_steps, world_size, rank,
+    share, shares = engine.batch_share  # a replica group shares one batch in perturbation mode
+    batches = RankBatches(data.train, args.data.seed, per_device, engine.accumulation_steps, shares, share,
                           lambda samples: model.make_batch(samples, model.encoder))
     batches.check_ranks_agree()
     return batches

@@ -25,7 +25,8 @@ def conflicts(section: dict) -> bool:
     spec = registry.method(section.get("method", "subzero"))
     update = section.get("update", "sgd")
     if update not in spec.updates or (section.get("queries", 1) != 1 and not spec.multi_query) or (
-            section.get("fused", False) and not spec.fusable):
+            section.get("fused", False) and not spec.fusable) or (
+            section.get("replica_mode") == "perturbation" and not spec.multi_query):
         return True
     return "state_on_refresh" in section and update == "sgd"
 

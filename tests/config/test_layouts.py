@@ -27,3 +27,17 @@ def test_hpz_serves_stateless_methods(subzero):
 
 def test_without_hpz_stateful_updates_are_served():
     parse(config(1, update="adam"))
+
+
+def test_perturbation_mode_needs_a_method_with_several_directions_per_step():
+    with pytest.raises(ConfigError) as error:
+        parse({"subzero": {"method": "sparse_mezo", "replica_mode": "perturbation"}})
+    message = str(error.value)
+    assert "`subzero.replica_mode` is \"perturbation\"" in message and "sparse_mezo" in message
+    assert 'set `subzero.replica_mode` to "data"' in message
+
+
+def test_replica_mode_is_data_or_perturbation():
+    with pytest.raises(ConfigError, match="replica_mode"):
+        parse({"subzero": {"replica_mode": "model"}})
+    assert parse({"subzero": {"replica_mode": "perturbation"}})[0].replica_mode.value == "perturbation"

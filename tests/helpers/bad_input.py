@@ -27,6 +27,7 @@ def is_number(value) -> bool:
 ACCEPTS = {
     "reshape": lambda v: v in ("auto", "always", "never"),
     "update_rounding": lambda v: v in ("nearest", "stochastic"),
+    "replica_mode": lambda v: v in ("data", "perturbation"),
     "lr": lambda v: is_number(v) and math.isfinite(v) and v >= 0,
     "eps": lambda v: is_number(v) and math.isfinite(v) and v > 0,
     "collective_timeout": lambda v: is_number(v) and math.isfinite(v) and v > 0,

@@ -1,4 +1,5 @@
-"""Trajectories under ZeRO++ hpZ (rank 0 saves losses and final weights), launched by tests/distributed/test_hpz.py.
+"""Trajectories under ZeRO++ hpZ and replica modes (rank 0 saves losses and final weights), launched by
+tests/distributed/test_hpz.py and test_replica_modes.py.
 
 The same cases run on 4 ranks as 2 hpZ groups × 2 (``--hpz 2``), on 2 plain ZeRO-3 ranks and on 1 rank, each
 rank on its equal share of the same global batch, so all must follow one trajectory. With ``--hpz``, after
@@ -29,6 +30,7 @@ CASES = {
     "mezo-persistent": ("opt", {"method": "mezo"}, {"stage3_param_persistence_threshold": 100_000}, {}),
     "subzero-bf16-stochastic": ("llama", {"update_rounding": "stochastic", "lr": 2e-3}, {}, {"bf16": {"enabled": True}}),
     "subzero-offload-cpu": ("llama", {}, {"offload_param": {"device": "cpu"}}, {}),
+    "subzero-zero0": ("llama", {}, {"stage": 0}, {}),  # no hpZ: every rank a replica group of its own
 }
 
 
@@ -61,16 +63,17 @@ def stale_elements(engine) -> int:
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
-    world_size, rank = get_world_size_and_rank()
     engine = subzero_ds.initialize(model=tiny_model(CASES[name][0]), config=config(name, args.hpz, args.subzero))
+    share, shares = engine.replicas.batch_share(*get_world_size_and_rank())  # perturbation mode: a group's batch
     start = 0
     if args.resume_from:
         engine.load_checkpoint(f"{args.resume_from}/{name}")
         start = engine.global_step
-    losses, stale, secondary_ranges = [], [], 0
+    losses, grads, stale, secondary_ranges = [], [], [], 0
     for step in range(start, STEPS):
-        result = engine.step(rank_slice(pattern_batch(GLOBAL_BATCH, seed=step), rank, world_size))
+        result = engine.step(rank_slice(pattern_batch(GLOBAL_BATCH, seed=step), share, shares))
         losses.append((result.loss_pos, result.loss_neg))
+        grads.append(list(result.projected_grads))
         if args.hpz > 1:
             stale.append(stale_elements(engine))
         if args.checkpoint and step + 1 == RESUME_AT:
@@ -82,13 +85,15 @@ def run(name: str, args: argparse.Namespace) -> dict:
     state = dict(iter_full_state(engine.module))
     stale = torch.tensor(stale, dtype=torch.int64)
     dist.all_reduce(stale)  # every rank's stale elements
-    return {"losses": losses, "state": state, "stale": stale.tolist(), "secondary_ranges": secondary_ranges}
+    return {"losses": losses, "state": state, "stale": stale.tolist(), "secondary_ranges": secondary_ranges,
+            "grads": grads}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=[c for c in CASES if CASES[c][2].get("stage", 3) == 3],
+                        choices=list(CASES))
     parser.add_argument("--hpz", type=int, default=1, help="zero_hpz_partition_size (1: plain ZeRO-3)")
     parser.add_argument("--subzero", type=json.loads, default={}, help="JSON merged into every case's subzero section")
     parser.add_argument("--checkpoint", default=None, help=f"checkpoint each case at step {RESUME_AT} here")
