@@ -22,8 +22,8 @@ from .loading import load_ds_config
 from .subzero import ReplicaMode, SubZeroConfig, UpdateRounding, parse_section
 
 __all__ = ["SECTION", "ConfigError", "DeepSpeedSettings", "Precision", "ReplicaMode", "SubZeroConfig", "UpdateRounding",
-           "check_deepspeed_accepts", "deepspeed_section", "hpz_partition_size", "load_ds_config", "parse",
-           "parse_config"]
+           "check_deepspeed_accepts", "deepspeed_section", "hpz_partition_size", "hpz_state_problems", "load_ds_config",
+           "parse", "parse_config"]
 
 
 def parse(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> tuple[SubZeroConfig, DeepSpeedSettings]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..config import DeepSpeedSettings, hpz_state_problems
 from ..methods import registry
 from ..methods.registry import MethodSpec
 from .architectures import Architecture, load_architecture
@@ -214,6 +215,9 @@ def _hpz_advice(result: Estimate, attention: str) -> list[str]:
                 "over NVLink, so hpZ's secondary copy buys no time"]
     if cluster.nodes == 1 or zero.offload is Offload.NVME:
         return []
+    stateful = hpz_state_problems(zero.subzero, DeepSpeedSettings(section={}, stage=3, hpz_partition_size=k))
+    if stateful:  # per-element method state is kept for the shard's range only
+        return [f"ZeRO++ hpZ would keep the gathers inside each node, but {stateful[0]}"]
     hpz = replace(zero, hpz_partition_size=k)
     faster = step_time(arch, hpz, cluster, batch)
     key = f'`"zero_optimization": {{"zero_hpz_partition_size": {k}}}`'

@@ -125,18 +125,12 @@ def load_zero_settings(config: str | os.PathLike | Mapping[str, Any]) -> ZeroSet
             f"{source}: `zero_optimization.stage` is {deepspeed.stage!r}; the planner models ZeRO-3 "
             "(partitioned parameters). Set it to 3."
         )
-    hpz = deepspeed.section.get("zero_optimization", {}).get("zero_hpz_partition_size", 1)
-    if isinstance(hpz, bool) or not isinstance(hpz, int) or hpz < 0:
-        raise MemoryPlanError(
-            f"{source}: `zero_optimization.zero_hpz_partition_size` is {hpz!r}; it must be a whole number >= 0 "
-            "(0 or 1: hpZ off). Set it to the GPUs per node, or remove it."
-        )
     return ZeroSettings(
         precision=deepspeed.precision.value, offload=Offload(deepspeed.offload_device),
         prefetch_bucket=deepspeed.prefetch_bucket_size, max_live=deepspeed.max_live_parameters,
         max_reuse=deepspeed.max_reuse_distance, persistence_threshold=deepspeed.persistence_threshold,
         nvme_buffer_count=deepspeed.nvme_buffer_count, nvme_buffer_size=deepspeed.nvme_buffer_size,
-        hpz_partition_size=hpz, subzero=settings,
+        hpz_partition_size=deepspeed.hpz_partition_size, subzero=settings,
     )
 
 

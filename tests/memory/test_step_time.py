@@ -220,3 +220,12 @@ def test_the_memory_table_is_still_the_default(capsys):
     code, out, _ = run(capsys, "--table")
     assert code == 0 and "| ZO in-place | ZO fused |" in out
     assert run(capsys, "--table", "memory")[1] == out
+
+
+def test_advice_does_not_name_hpz_for_a_method_it_cannot_serve(capsys, tmp_path):
+    path = tmp_path / "adam.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
+                                "subzero": {"method": "mezo", "update": "adam"}}))
+    code, out, _ = run(capsys, "--model", "opt-66b", "--config", str(path), "--nodes", "2", "--batch-size", "4")
+    assert code == 0 and "use ZeRO++ hpZ" not in out
+    assert "ZeRO++ hpZ would keep the gathers inside each node, but `subzero.update` is 'adam'" in out
