@@ -7,6 +7,8 @@ every rank applies the mean of the R·q updates: the ``queries: R·q`` estimator
 - a checkpoint written in data mode resumes in perturbation mode, which estimates the same directions.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -63,3 +65,37 @@ def test_a_data_mode_checkpoint_resumes_in_perturbation_mode(runs, case):
     uninterrupted, resumed = runs["data"][case], runs["resumed"][case]
     assert resumed["losses"] == uninterrupted["losses"][-len(resumed["losses"]):]
     assert all(torch.equal(resumed["state"][name], t) for name, t in uninterrupted["state"].items())
+
+
+# ---- the training CLI: a replica group's ranks share one batch ----------------------------------------------
+
+def test_cli_perturbation_mode_gives_each_group_the_same_batch(tmp_path):
+    """2 ranks under ZeRO-0 in perturbation mode (each rank a group: the whole batch, its own direction) ≡ 1 rank
+    with ``queries: 2``, through ``python -m subzero_ds.train``: the same metrics and the same final weights."""
+    from safetensors.torch import load_file
+
+    from cli_runs import NEGATIVE, POSITIVE, read_metrics, train_command
+    from helpers.tiny import save_tiny_pretrained
+
+    rows = [(t, 1) for t in POSITIVE] + [(t, 0) for t in NEGATIVE]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows * 4))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    save_tiny_pretrained(tmp_path / "llama", "llama", POSITIVE + NEGATIVE + ["It was great terrible"] * 5)
+    outputs = {}
+    for name, nprocs, subzero in (("one", 1, {"queries": 2}), ("perturbation", 2, {"replica_mode": "perturbation"})):
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                      "subzero": {"lr": 1e-3, "eps": 1e-3, "rank": 4, "seed": 3, **subzero}}))
+        outputs[name] = tmp_path / name
+        finished = run("ranks", nprocs, *train_command(tmp_path, "llama", outputs[name], "--deepspeed_config",
+                                                       str(config), "--eval_steps", "100"), timeout=420)
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert "each of the 2 replica groups the same batch" in finished.stdout + finished.stderr
+    one, perturbation = read_metrics(outputs["one"]), read_metrics(outputs["perturbation"])
+    steps = [row for row in perturbation if "projected_grads" in row]
+    assert steps and all(len(row["projected_grads"]) == 2 for row in steps)
+    fields = ("step", "loss_pos", "loss_neg", "projected_grads")
+    assert [{k: r.get(k) for k in fields} for r in one if "loss_pos" in r] == [{k: r.get(k) for k in fields}
+                                                                             for r in perturbation if "loss_pos" in r]
+    a, b = (load_file(outputs[name] / "final" / "model.safetensors") for name in ("one", "perturbation"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
