@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 import subzero_ds
 
-from ..config import SECTION, ConfigError, load_ds_config, parse_config
+from ..config import SECTION, ConfigError, ReplicaMode, load_ds_config, parse_config
 from ..distributed import barrier, exit_process, is_local_main_process, is_main_process, set_collective_timeout
 from ..faults import Activity, CollectiveTimeoutError, ExitCode, PreemptionSignals, stop_on_collective_timeout
 from ..loss import model_loss
@@ -86,6 +86,13 @@ class ZOTrainer(Trainer):
                               "zeroth-order training. Use bf16=True (or fp32).")
         ds_config = self._deepspeed_config(args)
         settings = parse_config(ds_config, f"the DeepSpeed config ({args.deepspeed or 'accelerate'!r})")
+        if settings.replica_mode is ReplicaMode.PERTURBATION:
+            raise ConfigError(
+                '`subzero.replica_mode` is "perturbation", but the Trainer\'s sampler gives every rank its own batch, '
+                "while perturbation mode needs a replica group's ranks to share one. Set it to \"data\" with ZOTrainer, "
+                "or train with `python -m subzero_ds.train` (or `subzero_ds.initialize` and a loader that gives each "
+                "rank its share `engine.replicas.batch_share(world_size, rank)`)."
+            )
         if args.learning_rate not in (HF_DEFAULT_LEARNING_RATE, settings.lr):
             raise ConfigError(
                 f"TrainingArguments(learning_rate={args.learning_rate:g}) and `subzero.lr` = {settings.lr:g} disagree. "

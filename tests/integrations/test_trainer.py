@@ -111,6 +111,7 @@ def test_a_peft_model_trains_only_its_adapter_and_saves_it(tmp_path):
     (dict(deepspeed={**CONFIG, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}), "`optimizer`"),
     (dict(deepspeed={k: v for k, v in CONFIG.items() if k != "subzero"}), '"subzero" section'),
     (dict(deepspeed=None), "deepspeed"),
+    (dict(deepspeed={**CONFIG, "subzero": {**CONFIG["subzero"], "replica_mode": "perturbation"}}), "batch_share"),
 ])
 def test_what_makes_no_sense_for_zo_gets_one_clear_error(tmp_path, change, fragment):
     optimizers = change.pop("optimizers", (None, None))
