@@ -83,7 +83,7 @@ def initialize(
         f"on {len(shards)} trainable tensors ({sum(s.numel for s in shards):,} elements), "
         f"ZeRO stage {deepspeed_settings.stage}, lr={settings.lr:g}, eps={settings.eps:g}, {settings.options!r}, "
         f"{'fused ± pass' if settings.fused else 'in-place ± passes'}, update rounding {settings.update_rounding.value}, "
-        f"{replicas.describe()}")
+        f"{replicas.describe()}" + hpz_note(shards))
     return SubZeroEngine(ds_engine, settings, method, shards, loss_fn, deepspeed_settings.accumulation_steps, replicas)
 
 
@@ -130,6 +130,12 @@ def create_hpz_groups(size: int) -> None:
         groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None  # a previous engine's
     if size > 1 and groups._get_zero_param_intra_parallel_group() is None:
         groups._create_zero_param_parallel_group(size)
+
+
+def hpz_note(shards: list[ParamShard]) -> str:
+    """What the log says of ZeRO++ hpZ's secondary copies (which subzero_ds writes alongside the shards)."""
+    copies = sum(shard.secondary() is not None for shard in shards)
+    return f", ZeRO++ hpZ secondary copies of {copies} of {len(shards)} trainable tensors" if copies else ""
 
 
 def _check_trainable(shards: list[ParamShard], settings: SubZeroConfig) -> None:

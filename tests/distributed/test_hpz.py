@@ -164,3 +164,35 @@ def test_hpz_gathers_nothing_across_groups(gathers, mode, forwards):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+# ---- the training CLI: weights partitioned while loading (zero.Init forms hpZ's groups) -----------------------
+
+def test_cli_hpz_run_is_bit_identical_to_plain_zero3(tmp_path):
+    """``python -m subzero_ds.train`` on 4 ranks with hpZ 2 (the model partitioned as it loads, through
+    ``HfDeepSpeedConfig``) writes the metrics and final weights of the same run under plain ZeRO-3."""
+    from cli_runs import NEGATIVE, POSITIVE, read_metrics, train_command
+    from helpers.tiny import save_tiny_pretrained
+
+    rows = [(t, 1) for t in POSITIVE] + [(t, 0) for t in NEGATIVE]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows * 4))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    save_tiny_pretrained(tmp_path / "llama", "llama", POSITIVE + NEGATIVE + ["It was great terrible"] * 5)
+    outputs = {}
+    for name, zero in (("plain", {}), ("hpz", {"zero_hpz_partition_size": 2})):
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, **zero},
+            "subzero": {"lr": 1e-3, "eps": 1e-3, "rank": 4, "seed": 3}}))
+        outputs[name] = tmp_path / name
+        finished = run("ranks", 4, *train_command(tmp_path, "llama", outputs[name], "--deepspeed_config", str(config),
+                                                  "--per_device_batch_size", "1", "--eval_steps", "100"), timeout=420)
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+        assert ("ZeRO++ hpZ secondary copies of" in finished.stdout + finished.stderr) == (name == "hpz")
+    plain, hpz = (read_metrics(outputs[name]) for name in ("plain", "hpz"))
+    steps = [{k: row[k] for k in ("step", "loss_pos", "loss_neg", "projected_grad")} for row in hpz if "loss_pos" in row]
+    assert steps and all(row["loss_pos"] != row["loss_neg"] for row in steps)  # it trains: the probes differ
+    assert steps == [{k: row[k] for k in ("step", "loss_pos", "loss_neg", "projected_grad")}
+                     for row in plain if "loss_pos" in row]
+    a, b = (load_file(outputs[name] / "final" / "model.safetensors") for name in ("plain", "hpz"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
