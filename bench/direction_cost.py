@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from harness.report import publish
+
 from subzero_ds.kernels.cpu import compiled
 from subzero_ds.methods.base import Direction
 from subzero_ds.methods.mezo import GaussianDirection
@@ -151,10 +153,7 @@ def main() -> None:
     for label, phase, before, after in rows:
         lines.append(f"| {label} | {phase} | {before:.2f} | {before / copy_ns:.1f}× | {after:.2f} | "
                      f"{after / copy_ns:.1f}× | {before / after:.1f}× |")
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
-    print(report)
+    publish("\n".join(lines) + "\n", args.output, "direction_cost")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from harness.methods import update_rule, zo_methods
+from harness.report import publish
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = zo_methods()  # every registered method and update rule
@@ -100,10 +101,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['lr']:g} | " + " → ".join(f"{m:.3f}" for m in means)
                      + f" | {'yes' if fell else 'no'} | {'yes' if r['finite'] else 'NO'} | {r['zero_shot']:.3f} → "
                      f"{r['final']:.3f} | {r['seconds_per_step']:.1f} |")
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
-    print(report)
+    publish("\n".join(lines) + "\n", args.output, "method_smoke")
 
 
 if __name__ == "__main__":

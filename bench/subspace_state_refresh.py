@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from harness.report import publish
+
 import subzero_ds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny models
 from helpers.tiny import pattern_batch, tiny_model  # noqa: E402
@@ -59,10 +61,7 @@ def main() -> None:
             lines.append(f"| {rule} | {on_refresh} | {statistics.mean(last):.4f} ± {statistics.stdev(last):.4f} | "
                          + " | ".join(f"{w:.4f}" for w in windows) + " |")
     lines += ["", f"Wall time {time.perf_counter() - started:.0f} s."]
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
-    print(report)
+    publish("\n".join(lines) + "\n", args.output, "subspace_state_refresh")
 
 
 if __name__ == "__main__":

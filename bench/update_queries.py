@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from harness.report import publish
+
 from direction_cost import best_of, opt_shapes, rank0_range
 from subzero_ds.methods.mezo import GaussianDirection
 from subzero_ds.methods.subzero import SubspaceDirection
@@ -68,10 +70,7 @@ def main() -> None:
     for label, by_q in seconds.items():
         first, last = by_q[args.queries[0]], by_q[args.queries[-1]]
         lines.append(f"| {label} | " + " | ".join(f"{by_q[q]:.3f} s" for q in args.queries) + f" | {last / first:.2f}× |")
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
-    print(report)
+    publish("\n".join(lines) + "\n", args.output, "update_queries")
 
 
 if __name__ == "__main__":
