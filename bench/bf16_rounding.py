@@ -41,7 +41,7 @@ def changed_fraction(engine: subzero_ds.SubZeroEngine) -> float:
     (``engine.probes.theta``), which still holds θ before the update when the step returns.
     """
     backups = engine.probes.theta.local
-    changed = sum(int((shard.local() != backup).sum()) for shard, backup in zip(engine.shards, backups))
+    changed = sum(int((shard.local() != backups[i]).sum()) for i, shard in enumerate(engine.shards))
     return changed / sum(shard.local_numel for shard in engine.shards)
 
 

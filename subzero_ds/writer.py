@@ -12,8 +12,9 @@ from it, so a step with lr = 0 leaves every parameter bit-identical (no +ε, −
 memory: one copy of this rank's trainable shard in the parameter dtype (full fine-tuning: model
 bytes / world size; PEFT: the adapter only). With ZeRO++ hpZ every write also reaches this rank's
 range of the secondary copy that forwards gather from (:mod:`subzero_ds.zero.shards`), computed from
-the same positions of the same direction, so the two copies stay bit-identical; the backup then
-holds that range too (another model bytes / K).
+the same positions of the same direction, so the two copies stay bit-identical. In-place probes
+then write only that copy, which is all forwards read: the backup holds its range (model bytes / K)
+instead of the shard.
 """
 
 from __future__ import annotations
@@ -37,28 +38,50 @@ class Backup:
 
     Persistent ZeRO-3 parameters (small; DeepSpeed keeps them gathered) are backed up whole, so
     that their gathered copy can be written alongside the shard and no forward has to gather them
-    again. Under hpZ each parameter's secondary range is backed up beside its shard.
+    again. Under hpZ forwards read only the secondary copy: its range is backed up instead of the
+    shard, which probes then leave at θ (the update writes both).
     """
 
     def __init__(self, shards: list[ParamShard]) -> None:
         self.shards = shards
-        # On the shard's own device; sized from the partition size (an NVMe-swapped shard's local() is not readable here).
-        self.local = [torch.empty(s.local_numel, dtype=s.dtype, device=s.device) for s in shards]
         self._persistent = [i for i, shard in enumerate(shards) if shard.is_persistent]  # fixed at engine init
+        # On the shard's own device; sized from the partition size (an NVMe-swapped shard's local() is not readable here).
+        self.local = {i: torch.empty(s.local_numel, dtype=s.dtype, device=s.device)  # none where probes leave it
+                      for i, s in enumerate(shards) if _probes_write_shard(s)}
+        self.secondary = {i: torch.empty_like(copy) for i, s in enumerate(shards)  # its hpZ secondary range's θ
+                          if (copy := s.secondary()) is not None}
         self.whole: dict[int, torch.Tensor] = {}  # shard index -> full θ of a persistent ZeRO-3 parameter
-        self.secondary: dict[int, torch.Tensor] = {}  # shard index -> its hpZ secondary range's θ
 
     def save_(self) -> None:
         """Copy the current shards. Collective under ZeRO-3: the first time, a persistent parameter that is
         not gathered yet is gathered to back it up."""
         with phase("backup"), torch.no_grad():
-            for shard, backup in zip(self.shards, self.local):
-                with shard.swapped_in() as local:
-                    backup.copy_(local)
-            self.secondary = {i: copy.clone() for i, s in enumerate(self.shards) if (copy := s.secondary()) is not None}
+            for index, shard in enumerate(self.shards):
+                secondary = shard.secondary()
+                if secondary is not None:
+                    _copy_into(self.secondary, index, secondary)
+                if _probes_write_shard(shard):
+                    with shard.swapped_in() as local:
+                        _copy_into(self.local, index, local)
+                else:
+                    self.local.pop(index, None)
             not_gathered = [self.shards[i].param for i in self._persistent if self.shards[i].gathered() is None]
             with deepspeed.zero.GatheredParameters(not_gathered):  # a no-op once they stay gathered
                 self.whole = {i: self.shards[i].param.data.view(-1).clone() for i in self._persistent}
+
+
+def _probes_write_shard(shard: ParamShard) -> bool:
+    """Whether in-place probes write the shard itself: not where forwards read only hpZ's secondary copy (a
+    persistent parameter is written through its gathered copy, into all three)."""
+    return shard.secondary() is None or shard.is_persistent
+
+
+def _copy_into(backups: dict[int, torch.Tensor], index: int, values: torch.Tensor) -> None:
+    """``backups[index]`` ← a copy of ``values`` (on their device, in their dtype), allocated the first time."""
+    if index in backups:
+        backups[index].copy_(values)
+    else:
+        backups[index] = values.clone()
 
 
 class ShardWriter:
@@ -95,13 +118,13 @@ class ShardWriter:
                              query=query)
 
         with phase("perturb"):
-            self._write_(perturb, theta)
+            self._write_(perturb, theta, probe=True)
 
     def restore_(self, theta: Backup) -> None:
         """Put back exactly the θ of ``theta``."""
         with phase("restore"), torch.no_grad():
-            for shard, backup in zip(self.shards, theta.local):
-                with shard.swapped_in() as local:  # an NVMe shard is written back on exit
+            for index, backup in theta.local.items():
+                with self.shards[index].swapped_in() as local:  # an NVMe shard is written back on exit
                     local.copy_(backup)
             for index, backup in theta.secondary.items():
                 self.shards[index].secondary().copy_(backup)
@@ -143,15 +166,16 @@ class ShardWriter:
             return key_of(self.method.direction.seed, "update rounding", step, target.name, target.shape)
         return None
 
-    def _write_(self, writer: Callable[[WriteRange, torch.Tensor, torch.Tensor, int], None], theta: Backup | None
-                ) -> None:
+    def _write_(self, writer: Callable[[WriteRange, torch.Tensor, torch.Tensor, int], None], theta: Backup | None,
+                probe: bool = False) -> None:
         """Each shard ← ``writer(target, out, src, start)``: θ read from ``src``, written to ``out``.
 
         θ is ``theta``'s copy, or the shard itself when None. A persistent parameter is computed once,
         whole, into its gathered copy (from its whole backup, or from that copy itself), and its owned
         range copied into the shard (and its hpZ secondary range): the copies stay bit-identical however
         their devices compute. A gathered copy with no whole θ to write it from is left stale, and released.
-        An hpZ secondary range is otherwise written like the shard, from its own θ.
+        An hpZ secondary range is otherwise written like the shard, from its own θ; a ``probe`` leaves a
+        shard with no backup in ``theta`` (forwards read only the secondary copy) at θ.
         """
         stale = False
         with torch.no_grad():
@@ -167,7 +191,10 @@ class ShardWriter:
                             secondary.copy_(gathered.narrow(0, shard.secondary_start, secondary.numel()))
                         continue
                     stale |= gathered is not None
-                    writer(target, local, local if theta is None else theta.local[index], shard.start)
+                    if theta is not None and index in theta.local:
+                        writer(target, local, theta.local[index], shard.start)
+                    elif theta is None or not probe:  # the update of a shard that probes left at θ: from itself
+                        writer(target, local, local, shard.start)
                     if secondary is not None:
                         writer(self.secondary_targets[index], secondary,
                                secondary if theta is None else theta.secondary[index], shard.secondary_start)

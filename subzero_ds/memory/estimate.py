@@ -224,7 +224,7 @@ def _hpz_advice(result: Estimate, attention: str) -> list[str]:
     gain = (f"each forward gathers {faster.within_node_bytes / GiB:.1f} GiB per GPU inside its node instead of "
             f"{plain.across_node_bytes / GiB:.1f} GiB across nodes, so a step takes ~{faster.total_s:.2f} s instead "
             f"of ~{plain.total_s:.2f} s")  # fmt: skip
-    copies = "its secondary copy (1/K of the model" + (")" if zero.fused else ") and that copy's in-place backup")
+    copies = "its secondary copy (1/K of the model" + (")" if zero.fused else ") and that copy's in-place backup, less the shard's")
     extra = _zo_bytes(arch, hpz, cluster, batch, attention) - _zo_bytes(arch, zero, cluster, batch, attention)
     problems = _problems(arch, hpz, cluster, batch, result.device, attention)
     if not problems:

@@ -26,7 +26,8 @@
   every rank keeps a 1/K slice of the model, so that a group of K ranks (a node) holds it whole and
   each forward after the first gathers inside the group. DeepSpeed allocates it on the shards'
   device (``_partition_param_sec``: GPU, or CPU memory under CPU offload). In place, the forwards
-  read the perturbed secondary copy, so exact restore backs it up too (another 1/K);
+  read only the secondary copy, so probes perturb it alone and exact restore backs it up (another
+  1/K) instead of the shard (1/N less);
 - **direction factors**: a method whose matrix directions live in a rank-r subspace
   (``MethodSpec.subspace_rank``: SubZero) keeps U (m×r), Vᵀ (r×n) and the step's μZVᵀ (r×n) in fp32
   for every trainable matrix, r·(m+2n)·4 bytes; MeZO nothing (its direction is generated and
@@ -162,8 +163,11 @@ def zo_items(arch: Architecture, zero: ZeroSettings, cluster: Cluster, batch: Ba
         items.append(Item("NVMe swap buffers (pinned)", cpu=zero.nvme_buffer_count * zero.nvme_buffer_size * p))
     if not zero.fused:
         backup_tier = "cpu" if zero.offload is Offload.NVME else on_shard_tier
-        backup = shard_elements(arch, world) * p + persistent  # shard copy + whole persistent copies
-        items.append(Item("in-place backup of the trainable shard", **{backup_tier: backup}))
+        if zero.hpz_group(world) > 1:  # probes leave the shards at θ: forwards read the secondary copy
+            items.append(Item("in-place backup of the persistent parameters", **{backup_tier: persistent}))
+        else:  # shard copy + whole persistent copies
+            backup = shard_elements(arch, world) * p + persistent
+            items.append(Item("in-place backup of the trainable shard", **{backup_tier: backup}))
     items.extend(_hpz_items(arch, zero, world, on_shard_tier))
     items.append(Item("persistent parameters (gathered)", gpu=persistent))
 

@@ -83,6 +83,13 @@ def test_the_secondary_copy_is_never_stale(runs, case):
     assert (losses[:, 0] != losses[:, 1]).all()  # the probes saw the perturbation: ℓ+ ≠ ℓ−
 
 
+def test_in_place_probes_under_hpz_back_up_only_the_copy_forwards_read(runs):
+    """Persistence 0: every parameter is partitioned, and forwards read only the secondary copies, so probes leave
+    the shards at θ and back up none of them (plain ZeRO-3 backs up every shard)."""
+    hpz, plain = runs["hpz"]["subzero"], runs["plain4"]["subzero"]
+    assert hpz["shard_backups"] == 0 and plain["shard_backups"] == plain["shards"] > 0
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_resume_is_bit_exact_on_hpz_and_follows_on_plain_ranks(runs, case):
     uninterrupted, resumed = runs["hpz"][case], runs["hpz-resumed"][case]

@@ -77,7 +77,7 @@ def test_a_step_keeps_everything_on_the_gpu(fused, bf16):
 
     engine, _, _ = run(make_config(fused=fused, bf16=bf16), steps=1)
     assert all(s.device.type == "cuda" for s in engine.shards)
-    assert engine.probes.theta is None or all(b.device.type == "cuda" for b in engine.probes.theta.local)
+    assert engine.probes.theta is None or all(b.device.type == "cuda" for b in engine.probes.theta.local.values())
     batch = {k: v.cuda() for k, v in pattern_batch(4, seed=9).items()}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step(batch)

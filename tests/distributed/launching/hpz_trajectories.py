@@ -86,7 +86,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
     stale = torch.tensor(stale, dtype=torch.int64)
     dist.all_reduce(stale)  # every rank's stale elements
     return {"losses": losses, "state": state, "stale": stale.tolist(), "secondary_ranges": secondary_ranges,
-            "grads": grads}
+            "grads": grads, "shards": len(engine.shards),
+            "shard_backups": None if engine.probes.theta is None else len(engine.probes.theta.local)}
 
 
 def main() -> None:
