@@ -19,26 +19,12 @@ STEPS = 3
 
 def count_steps(fused: bool) -> dict:
     """This rank's gather counts over ``STEPS`` steps after a first, tracing one."""
-    import subzero_ds
-    from harness.collectives import CollectiveCounter
-    from helpers.tiny import pattern_batch, rank_slice, tiny_model
+    from helpers.gathers import counted_steps
     from subzero_ds.distributed import get_world_size_and_rank
 
-    config = {"train_micro_batch_size_per_gpu": 2,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "subzero": {"lr": 1e-4, "eps": 1e-3, "rank": 4, "seed": 1, "fused": fused}}
-    engine = subzero_ds.initialize(model=tiny_model("llama"), config=config)
-    world_size, rank = get_world_size_and_rank()
+    engine, counter = counted_steps({}, fused, STEPS, global_batch=4)
+    world_size, _ = get_world_size_and_rank()
     params = list(engine.module.named_parameters())
-    counter = CollectiveCounter()
-    counter.install()
-    counter.count_parameter_gathers(params)
-    batch = lambda step: rank_slice(pattern_batch(4, seed=step), rank, world_size)  # noqa: E731
-    engine.step(batch(0))
-    counter.active = True
-    for step in range(1, STEPS + 1):
-        engine.step(batch(step))
-    counter.active = False
     return {
         "per_param": {name: counter.parameter_gathers[name] for name, _ in params},
         "partitioned": {name: not p.ds_persist for name, p in params},

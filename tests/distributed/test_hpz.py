@@ -116,24 +116,10 @@ GATHER_STEPS = 3
 
 def count_gathers(fused: bool, hpz: int) -> dict:
     """Bytes this rank gathered over each process group in ``GATHER_STEPS`` steps after a first one."""
-    import subzero_ds
-    from harness.collectives import CollectiveCounter
-    from helpers.tiny import pattern_batch, rank_slice, tiny_model
-    from subzero_ds.distributed import get_world_size_and_rank
+    from helpers.gathers import counted_steps
 
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, **({"zero_hpz_partition_size": hpz} if hpz > 1 else {})}
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero,
-              "subzero": {"lr": 1e-4, "eps": 1e-3, "rank": 4, "seed": 1, "fused": fused}}
-    engine = subzero_ds.initialize(model=tiny_model("llama"), config=config)
-    world_size, rank = get_world_size_and_rank()
-    counter = CollectiveCounter()
-    counter.install()
-    batch = lambda step: rank_slice(pattern_batch(8, seed=step), rank, world_size)  # noqa: E731
-    engine.step(batch(0))
-    counter.active = True
-    for step in range(1, GATHER_STEPS + 1):
-        engine.step(batch(step))
-    counter.active = False
+    engine, counter = counted_steps({"zero_hpz_partition_size": hpz} if hpz > 1 else {}, fused, GATHER_STEPS,
+                                    global_batch=8)
     model_bytes = sum(p.ds_numel * p.element_size() for p in engine.module.parameters())
     return {"by_group": {json.dumps(ranks): moved for ranks, moved in counter.gathered_by_group.items()},
             "model_bytes": model_bytes, "all_reduces": counter.all_reduces}
