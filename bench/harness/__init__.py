@@ -7,6 +7,8 @@
 - ``workers``: starting a fresh worker per rank and collecting every rank's result; timing, exit;
 - ``collectives``: counting the bytes collectives move (tests/distributed/test_gather_count.py uses it too);
 - ``load``: the load guard (how much of the CPU other processes used while we measured);
+- ``netns``: two "nodes" on one machine (network namespaces joined by a veth pair) and shaping the link between them;
+  ``link_worker``: a rank of bench/hpz_link.py on them;
 - ``report``: Markdown helpers, and publishing a report.
 
 Scripts in bench/ import it as ``harness`` (their own directory is on ``sys.path``); the tests find

@@ -46,9 +46,10 @@ def command_line(world_size: int, script: str = "bench/step_cost.py") -> str:
     return " ".join(["deepspeed", "--num_gpus", str(world_size), script, *options])
 
 
-def heading(title: str, world_size: int, script: str, setup: str) -> list[str]:
-    """A report's first lines: its title, the command that reproduces it, and how it was set up."""
-    return [f"# {title}", "", f"Command: `{command_line(world_size, script)}`", "", setup, ""]
+def heading(title: str, world_size: int, script: str, setup: str, command: str | None = None) -> list[str]:
+    """A report's first lines: its title, the command that reproduces it, and how it was set up.
+    ``command``, when given, replaces the launcher command (a benchmark that starts its launchers itself)."""
+    return [f"# {title}", "", f"Command: `{command or command_line(world_size, script)}`", "", setup, ""]
 
 
 def device_note() -> str:
