@@ -1,6 +1,6 @@
 """Two "nodes" on one machine: network namespaces joined by a veth pair, and a link that can be slowed down.
 
-Built as tests/distributed/test_two_nodes.py builds them: each namespace has its own loopback, address
+tests/distributed/test_two_nodes.py runs its launchers across them too. Each namespace has its own loopback, address
 and hostname, so ranks on one node reach the other only through the link (named alike on both ends,
 like eth1 on a cluster), while ranks of the same node talk over their own loopback. The link's
 egress can be limited with a token bucket (``tc qdisc … tbf``) on each end, so the link between the
@@ -44,6 +44,11 @@ class Node:
         return ["ip", "netns", "exec", self.namespace, "unshare", "--uts",
                 "sh", "-c", 'hostname "$0" && exec "$@"', self.hostname, *argv]
 
+    def received_bytes(self) -> int:
+        """Bytes received on this node's end of the link so far (read from outside the node)."""
+        counter = f"/sys/class/net/{LINK}/statistics/rx_bytes"
+        return int(_run("ip", "netns", "exec", self.namespace, "cat", counter))
+
 
 def _run(*argv: str, check: bool = True) -> str:
     """stdout of ``argv``; with ``check``, a failure raises with its stderr."""
@@ -53,11 +58,11 @@ def _run(*argv: str, check: bool = True) -> str:
     return finished.stdout
 
 
-def support() -> str | None:
-    """None when this process may create namespaces and shape links, else why not."""
+def support(shaping: bool = True) -> str | None:
+    """None when this process may create namespaces (and, with ``shaping``, shape links), else why not."""
     if not sys.platform.startswith("linux"):
         return "network namespaces are Linux-only"
-    missing = [tool for tool in ("ip", "tc", "unshare") if shutil.which(tool) is None]
+    missing = [tool for tool in ("ip", "unshare", *(["tc"] if shaping else [])) if shutil.which(tool) is None]
     if missing:
         return f"{', '.join(missing)} not installed (iproute2, util-linux)"
     if os.geteuid() != 0:

@@ -15,21 +15,19 @@ Run: .venv/bin/pytest tests/distributed/test_two_nodes.py -q
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from harness import netns
 from launch import BIN, RENDEZVOUS_VARIABLES, REPO, run
 from trajectory_compare import assert_same_trajectory
 
@@ -37,106 +35,26 @@ pytestmark = pytest.mark.distributed
 SCRIPT = str(REPO / "tests" / "distributed" / "launching" / "trajectory.py")
 CASES = ("opt-zero3-subzero", "llama-zero3-mezo")
 STEPS = 20
-LINK = "szlink"  # the inter-node interface, named alike on both nodes like eth1 on a cluster
 PORT = 29500  # the default: each node has a network stack of its own, nothing else listens there
 TIMEOUT_S = 150  # a healthy 2-node run takes ~20 s; a broken rendezvous hangs instead of failing
 MIN_LINK_BYTES = 100_000  # the final weights alone (gathered from both ranks) cross the link
 
 
-@dataclass(frozen=True)
-class Node:
-    namespace: str
-    hostname: str
-    address: str
-
-    def command(self, *argv: str) -> list[str]:
-        """``argv`` run inside this node: its network namespace and a hostname of its own."""
-        return ["ip", "netns", "exec", self.namespace, "unshare", "--uts",
-                "sh", "-c", 'hostname "$0" && exec "$@"', self.hostname, *argv]
-
-    def link_bytes(self) -> int:
-        """Bytes received on this node's end of the link so far."""
-        counter = f"/sys/class/net/{LINK}/statistics/rx_bytes"
-        return int(_output("ip", "netns", "exec", self.namespace, "cat", counter, check=True))
-
-
-def _output(*argv: str, check: bool = False) -> str:
-    """stdout of ``argv``; with ``check``, a failure raises with its stderr."""
-    finished = subprocess.run(argv, check=False, capture_output=True, text=True)
-    if check and finished.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {finished.stderr.strip()}")
-    return finished.stdout
-
-
-def _ip(*args: str) -> None:
-    _output("ip", *args, check=True)
-
-
-def _namespace_support() -> str | None:
-    """None when this process may create network namespaces, else why not."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux-only"
-    missing = [tool for tool in ("ip", "unshare") if shutil.which(tool) is None]
-    if missing:
-        return f"{', '.join(missing)} not installed (iproute2, util-linux)"
-    probe = f"szprobe-{secrets.token_hex(4)}"
-    try:
-        _ip("netns", "add", probe)
-    except RuntimeError as e:
-        return f"`ip netns add` is not permitted here (needs root / CAP_SYS_ADMIN): {e}"
-    _output("ip", "netns", "del", probe)
-    return None
-
-
-def _tear_down(nodes: list[Node], veths: list[str]) -> None:
-    """Stop whatever still runs in the namespaces (all of it is ours), then delete them and the link."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = [int(p) for n in nodes for p in _output("ip", "netns", "pids", n.namespace).split()]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        if pids and sig == signal.SIGTERM:
-            time.sleep(1)
-    for node in nodes:
-        _output("ip", "netns", "del", node.namespace)
-    for veth in veths:  # only left in the root namespace if setup failed before moving it
-        _output("ip", "link", "del", veth)
-    for node in nodes:  # DeepSpeed's shm all-reduce buffers are keyed by the master address
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{node.address}_*"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
-
 @pytest.fixture(scope="module")
 def two_nodes():
-    """Two namespaces node0/node1 joined by a veth pair on a /24 of their own; always torn down."""
-    reason = _namespace_support()
+    """Two namespaces node0/node1 joined by a veth pair (bench/harness/netns.py); always torn down."""
+    reason = netns.support(shaping=False)
     if reason is not None:
         pytest.skip(reason)
-    tag = secrets.token_hex(3)
-    subnet = f"10.231.{int(tag[:2], 16)}"
-    nodes = [Node(f"subzero-{tag}-node{k}", f"node{k}", f"{subnet}.{k + 1}") for k in range(2)]
-    veths = [f"sz{tag}n{k}" for k in range(2)]  # unique in the root namespace while being created
-    try:
-        for node in nodes:
-            _ip("netns", "add", node.namespace)
-        _ip("link", "add", veths[0], "type", "veth", "peer", "name", veths[1])
-        for node, veth in zip(nodes, veths):
-            _ip("link", "set", veth, "netns", node.namespace)
-            _ip("-n", node.namespace, "link", "set", veth, "name", LINK)
-            _ip("-n", node.namespace, "addr", "add", f"{node.address}/24", "dev", LINK)
-            _ip("-n", node.namespace, "link", "set", "lo", "up")
-            _ip("-n", node.namespace, "link", "set", LINK, "up")
+    with netns.two_nodes() as nodes:
         yield nodes
-    finally:
-        _tear_down(nodes, veths)
 
 
 def _environment() -> dict[str, str]:
     # Not pytest's own RANK/MASTER_PORT…; gloo must use the link (else it advertises 127.0.0.1).
     inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
     return {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
-            "GLOO_SOCKET_IFNAME": LINK}
+            "GLOO_SOCKET_IFNAME": netns.LINK}
 
 
 def _run_nodes(commands: dict[str, list[str]], logs: Path) -> None:
@@ -190,19 +108,19 @@ def deepspeed_no_ssh(two_nodes, tmp_path_factory):
     hostfile = work / "hostfile"
     hostfile.write_text("".join(f"{n.hostname} slots=1\n" for n in two_nodes))
     out = work / "trajectories.pt"
-    before = two_nodes[1].link_bytes()
+    before = two_nodes[1].received_bytes()
     _run_nodes({node.hostname: node.command(
         str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
         "--master_addr", two_nodes[0].address, "--master_port", str(PORT),
         SCRIPT, "--out", str(out), "--cases", *CASES, "--steps", str(STEPS)) for k, node in enumerate(two_nodes)}, work)
-    return _load(out), two_nodes[1].link_bytes() - before
+    return _load(out), two_nodes[1].received_bytes() - before
 
 
 def _open_mpi_4() -> str | None:
     """None when mpirun is Open MPI 4 (whose rsh agent option this test uses), else why not."""
     if shutil.which("mpirun") is None:
         return "mpirun not installed (apt-get install openmpi-bin)"
-    version = _output("mpirun", "--version")
+    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout
     if not re.search(r"Open MPI\)? 4\.", version):
         return f"the rsh-agent recipe is written for Open MPI 4, found: {version.splitlines()[:1]}"
     try:
@@ -229,15 +147,15 @@ def mpirun_hostfile(two_nodes, tmp_path_factory):
                      + 'exec ip netns exec "$ns" unshare --uts sh -c "hostname $host && $*"\n')
     agent.chmod(0o755)
     out = work / "trajectories.pt"
-    before = two_nodes[1].link_bytes()
+    before = two_nodes[1].received_bytes()
     _run_nodes({"mpirun@node0": two_nodes[0].command(
         shutil.which("mpirun"), "--allow-run-as-root", "--hostfile", str(hostfile), "-np", "2",
-        "--mca", "plm_rsh_agent", str(agent), "--mca", "oob_tcp_if_include", LINK,
-        "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", LINK,
+        "--mca", "plm_rsh_agent", str(agent), "--mca", "oob_tcp_if_include", netns.LINK,
+        "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", netns.LINK,
         *[a for v in ("PATH", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "TRANSFORMERS_VERBOSITY")
           for a in ("-x", v)],
         sys.executable, SCRIPT, "--out", str(out), "--cases", *CASES, "--steps", str(STEPS))}, work)
-    return _load(out), two_nodes[1].link_bytes() - before
+    return _load(out), two_nodes[1].received_bytes() - before
 
 
 @pytest.mark.parametrize("case", CASES)
