@@ -132,7 +132,7 @@ class ParamShard:
         copy = getattr(self.param, "ds_secondary_tensor", None)
         if copy is None or self.secondary_end == self.secondary_start:
             return None
-        return copy.data.view(-1)[: self.secondary_end - self.secondary_start]
+        return copy.data.view(-1).narrow(0, 0, self.secondary_end - self.secondary_start)
 
     @property
     def is_persistent(self) -> bool:

@@ -137,6 +137,30 @@ def test_writes_backups_and_method_state_stay_on_the_shards_device(fake_cuda, me
     assert all(state.tensor.device.type == "cuda" for state in writer.state())
 
 
+@pytest.mark.parametrize("method", ["subzero", "mezo", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hpz_secondary_copies_are_written_on_their_device(fake_cuda, method, dtype):
+    """Under ZeRO++ hpZ every write also reaches the rank's range of the secondary copy (here its second half),
+    computed on that copy's device; in place only it is perturbed, and it alone is backed up."""
+    model = on_fake_cuda(Tiny(), dtype)
+    shards = []
+    for name, param in model.named_parameters():
+        param.ds_secondary_tensor = torch.empty(param.numel() - param.numel() // 2, dtype=dtype, device=CUDA)
+        shards.append(ParamShard(name=name, param=param, shape=tuple(param.shape), start=0, end=param.numel(),
+                                 secondary_start=param.numel() // 2, secondary_end=param.numel()))
+    writer = ShardWriter(shards, method_of(method), eps=1e-3, update_rounding=UpdateRounding.STOCHASTIC
+                         if dtype == torch.bfloat16 else UpdateRounding.NEAREST)
+    theta = Backup(shards)
+    assert not theta.local and all(b.device.type == "cuda" for b in theta.secondary.values())
+    for step in (0, 1):
+        theta.save_()
+        writer.perturb_(step, +1.0, 0, theta)
+        writer.perturb_(step, -1.0, 0, theta)
+        writer.restore_(theta)
+        writer.update_(UpdateStep(step, lr=1e-3, grads=[0.5], losses=[1.0, 1.0], eps=1e-3), theta)
+    assert len(theta.secondary) == len(shards) and not theta.local
+
+
 def test_stochastic_rounding_update_stays_on_the_device(fake_cuda):
     model = on_fake_cuda(Tiny(), torch.bfloat16)
     writer = ShardWriter(shards_of(model), method_of("subzero"), eps=1e-3, update_rounding=UpdateRounding.STOCHASTIC)
