@@ -35,6 +35,25 @@ _LOCAL_SIZE_VARIABLES = (
 _LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
 
 
+# The world size a launcher announces to every process: the deepspeed launcher and torchrun (WORLD_SIZE),
+# Open MPI's mpirun (OMPI_COMM_WORLD_SIZE), MPICH and Intel MPI (PMI_SIZE). Not slurm's SLURM_NTASKS: one
+# task may run the deepspeed launcher, which starts several ranks.
+_LAUNCHER_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def launcher_world_size() -> int | None:
+    """The number of ranks the launcher started, before any process group exists; None without a launcher.
+
+    ``init_distributed`` sets ``WORLD_SIZE=1`` in a process started without one, so after it this
+    reads 1 there (a world no hpZ size is refused for).
+    """
+    for variable in _LAUNCHER_WORLD_SIZE_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return None
+
+
 def is_local_main_process() -> bool:
     """True on the first rank of each node, or without a launcher; works before the process group exists.
 

@@ -142,7 +142,7 @@ def parse_deepspeed(ds_config: Mapping[str, Any], zeroth_order: bool = True
         zeroth_order: refuse what a ZO run cannot serve (False: a first-order baseline's config).
             What no run can have (MiCS keys, an hpZ group size without stage 3 or with NVMe offload) is
             refused either way, and so is an hpZ group size that does not divide the world size the
-            launcher announced (``WORLD_SIZE`` and the like, see ``environment.launcher_world_size``);
+            launcher announced (``WORLD_SIZE`` and the like, see ``distributed.launcher_world_size``);
             without a launcher, call ``environment.hpz_problems`` once the process group exists.
 
     Returns:
@@ -165,7 +165,7 @@ def parse_deepspeed(ds_config: Mapping[str, Any], zeroth_order: bool = True
             except ValidationError as error:
                 problems.extend(describe_validation_error(_flatten_locations(error), key, _EXPECTED.get(key)))
     if "zero_optimization" in blocks and blocks["zero_optimization"].stage == 3:
-        from .environment import launcher_world_size  # not at the top: environment.py imports this module
+        from ..distributed import launcher_world_size  # not at the top: it imports torch
 
         world = hpz_world_size_problem(blocks["zero_optimization"].zero_hpz_partition_size, launcher_world_size())
         problems.extend([world] if world else [])

@@ -1,7 +1,7 @@
 """What this machine and launch can do for a config: accelerator precisions, NVMe offload's directory
 and libaio, swap buffers large enough for the model's partitions, and a world size that hpZ groups
-divide. These probe the machine (the accelerator, the file system, a compiler, the launcher's
-environment), so they stay out of the schema modules.
+divide. These probe the machine (the accelerator, the file system, a compiler), so they stay out of
+the schema modules.
 """
 
 from __future__ import annotations
@@ -13,25 +13,6 @@ from .deepspeed import DeepSpeedSettings, Precision, hpz_world_size_problem
 from .errors import shown
 
 NVME_PATH_KEY = "zero_optimization.offload_param.nvme_path"
-
-# The world size a launcher announces to every process: the deepspeed launcher and torchrun (WORLD_SIZE),
-# Open MPI's mpirun (OMPI_COMM_WORLD_SIZE), MPICH and Intel MPI (PMI_SIZE). Not slurm's SLURM_NTASKS: one
-# task may run the deepspeed launcher, which starts several ranks.
-_LAUNCHER_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-
-
-def launcher_world_size() -> int | None:
-    """The number of ranks the launcher started, before any process group exists; None without a launcher.
-
-    ``init_distributed`` sets ``WORLD_SIZE=1`` in a process started without one, so after it this
-    reads 1 there (a world no hpZ size is refused for).
-    """
-    for variable in _LAUNCHER_WORLD_SIZE_VARIABLES:
-        value = os.environ.get(variable, "").strip()
-        if value.isdigit() and int(value) >= 1:
-            return int(value)
-    return None
-
 
 def hpz_problems(settings: DeepSpeedSettings, world_size: int) -> list[str]:
     """Whether hpZ's groups of ``settings.hpz_partition_size`` consecutive ranks tile the world (a size of the

@@ -10,7 +10,8 @@ import torch
 import subzero_ds
 from subzero_ds.config import ConfigError, check_deepspeed_accepts, parse, parse_config
 from subzero_ds.config.deepspeed import deepspeed_accepts, parse_deepspeed
-from subzero_ds.config.environment import hpz_problems, launcher_world_size
+from subzero_ds.config.environment import hpz_problems
+from subzero_ds.distributed import launcher_world_size
 
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
