@@ -248,7 +248,7 @@ class SubZeroEngine:
             path = latest_checkpoint(path)
         manifest = read_manifest(path)
         check_resumable(path, manifest, self._direction_settings())
-        load_sharded(path, self.shards, self.writer.state())
+        load_sharded(path, self.shards, [*self.writer.state(), *self.writer.state_copies()])
         self.writer.load_scalars_(manifest.state.get("method", {}))
         with torch.no_grad():  # DeepSpeed never re-reads the shard of a parameter it keeps gathered
             for shard in self.shards:

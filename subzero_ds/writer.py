@@ -103,11 +103,11 @@ class ShardWriter:
         self.update_rounding = update_rounding
         self._release_gathered = release_gathered
         self.targets = [write_range(shard) for shard in shards]
-        # hpZ: where each secondary range is written. No state is allocated for them: a method with
-        # per-element state is refused under hpZ (config/environment.py), a subspace state is per parameter.
+        # hpZ: where each secondary range is written. The update rule keeps state for it too (a direction with
+        # per-element state, HiZOO's, is refused under hpZ: config.hpz_state_problems).
         self.secondary_targets = [secondary_write_range(shard) for shard in shards]
         method.direction.allocate_(self.targets)
-        method.update.allocate_(self.targets)
+        method.update.allocate_([*self.targets, *filter(None, self.secondary_targets)])
 
     def perturb_(self, step: int, sign: float, query: int, theta: Backup) -> None:
         """Set each shard to θ + sign·ε·D_{step,query}, θ from ``theta`` (so probes can run in any order)."""
@@ -150,6 +150,10 @@ class ShardWriter:
     def state(self) -> list[StateTensor]:
         """The method's state tensors (direction and update rule), for checkpoints."""
         return [*self.method.direction.state(), *self.method.update.state()]
+
+    def state_copies(self) -> list[StateTensor]:
+        """The update rule's state of hpZ's secondary ranges: a checkpoint loads it, other ranks save it."""
+        return self.method.update.copies()
 
     def scalars(self) -> dict:
         """The method's JSON-serializable state, the same on every rank."""
@@ -222,7 +226,7 @@ def secondary_write_range(shard: ParamShard) -> WriteRange | None:
         return None
     device = shard.param.ds_secondary_tensor.device if shard.param.ds_secondary_tensor is not None else shard.device
     return WriteRange(shard.name, shard.shape, shard.secondary_start, shard.secondary_end, device, shard.is_matrix,
-                      shard.dtype)
+                      shard.dtype, secondary=True)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

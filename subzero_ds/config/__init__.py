@@ -62,20 +62,18 @@ def hpz_partition_size(deepspeed: DeepSpeedSettings) -> int:
 
 
 def hpz_state_problems(settings: SubZeroConfig, deepspeed: DeepSpeedSettings) -> list[str]:
-    """hpZ's secondary copy is written like the shard, but per-element method state exists for the shard's
-    range only: a method or update rule that keeps such state is refused under hpZ."""
+    """hpZ's secondary copy is written like the shard, and an update rule keeps its state for both ranges; a
+    direction's per-element state (HiZOO's Hessian) exists for the shard's range only: refused under hpZ."""
     from ..methods import registry
 
     size = hpz_partition_size(deepspeed)
-    if size <= 1:
+    spec = registry.method(settings.method)
+    if size <= 1 or not spec.state_bytes_per_element:
         return []
-    stateful = [(key, spec) for key, spec in (("method", registry.method(settings.method)),
-                                               ("update", registry.update(settings.update)))
-                if spec.state_bytes_per_element]
-    return [f"`subzero.{key}` is {spec.name!r}, which keeps per-element state ({spec.state_name}) that subzero_ds does "
-            f"not yet keep for ZeRO++ hpZ's secondary copy (`zero_optimization.zero_hpz_partition_size` is {size}). "
-            f"Use `\"update\": \"sgd\"` with `\"method\"` subzero, mezo, rademacher or sparse_mezo under hpZ, or remove "
-            "zero_hpz_partition_size (plain ZeRO-3 serves every method)." for key, spec in stateful]
+    return [f"`subzero.method` is {spec.name!r}, whose direction keeps per-element state ({spec.state_name}) that "
+            f"subzero_ds does not yet keep for ZeRO++ hpZ's secondary copy (`zero_optimization.zero_hpz_partition_size` "
+            f"is {size}). Use `\"method\"` subzero, mezo, rademacher or sparse_mezo under hpZ, or remove "
+            "zero_hpz_partition_size (plain ZeRO-3 serves every method)."]
 
 
 def parse_config(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") -> SubZeroConfig:

@@ -244,9 +244,12 @@ def _method_state(arch: Architecture, zero: ZeroSettings, world: int) -> tuple[s
 
     Both are fp32 and sharded like the parameters (on the shards' device), except the update rule's
     state of a subspace method's matrices, which is r×r per matrix; their working chunks are added.
+    Under hpZ the update rule keeps its parameter-sized state for the secondary range (1/K) too.
     """
     method, update, rank = zero.method_spec, zero.update_spec, zero.subspace_rank
     shard = shard_elements(arch, world)
+    group = zero.hpz_group(world)
+    copies = [world] if group == 1 else [world, group]  # the ranges the update rule keeps state for
     state, chunks = shard * method.state_bytes_per_element, method.working_chunk_bytes
     where, kinds = "sharded like the parameters", []
     if method.state_bytes_per_element:
@@ -258,10 +261,10 @@ def _method_state(arch: Architecture, zero: ZeroSettings, world: int) -> tuple[s
         if rank is not None and update.state_bytes_per_element:
             full = sum(count * math.prod(shape) for shape, count in arch.shapes() if len(shape) != 2)
             coordinates = sum(count * min(rank, *shape) ** 2 for shape, count in arch.shapes() if len(shape) == 2)
-            state += (math.ceil(full / world) + coordinates) * update.state_bytes_per_element
+            state += (sum(math.ceil(full / ranks) for ranks in copies) + coordinates) * update.state_bytes_per_element
             where = "r×r per matrix, full for biases and norms"
         else:
-            state += shard * update.state_bytes_per_element
+            state += sum(shard_elements(arch, ranks) for ranks in copies) * update.state_bytes_per_element
     if not state + chunks:
         return "", 0.0
     return f"method state: {' + '.join(kinds) or 'none'} (fp32, {where}) + working chunks", state + chunks

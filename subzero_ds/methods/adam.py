@@ -53,10 +53,14 @@ class Adam(UpdateRule):
         decay = decay_factor(target, update.lr, self.weight_decay)
         if target.name in self.moments.coordinates:
             state = self.moments.coordinates[target.name]
-            state.enter_window_(update.step)
-            state.updates += 1
-            estimate = self.moments.projected_coordinates(target.name, update.grads, update.step)
-            step = self._adam_step(state.tensors["m"], state.tensors["v"], estimate, state.updates)
+
+            def advance() -> torch.Tensor:
+                state.enter_window_(update.step)
+                state.updates += 1
+                estimate = self.moments.projected_coordinates(target.name, update.grads, update.step)
+                return self._adam_step(state.tensors["m"], state.tensors["v"], estimate, state.updates)
+
+            step = self.moments.once_per_step(target.name, update.step, advance)
             self.direction.apply_coordinates_(out, src, target.name, target.shape, update.step, start, step,
                                               beta=decay, alpha=-update.lr, rounding_key=rounding_key)
             return
@@ -65,7 +69,7 @@ class Adam(UpdateRule):
         for lo in range(0, out.numel(), CHUNK_ELEMENTS):
             size = min(CHUNK_ELEMENTS, out.numel() - lo)
             estimate = mean_direction_(self.direction, scratch.narrow(0, 0, size), target, start + lo, update)
-            moments = self.moments.slices(target.name, start + lo, size)
+            moments = self.moments.slices(target, start + lo, size)
             step = self._adam_step(moments["m"], moments["v"], estimate, count)
             kernels.apply_(out.narrow(0, lo, size), src.narrow(0, lo, size), beta=decay, alpha=-update.lr, dense=step,
                            offset=start + lo, rounding_key=rounding_key)
@@ -83,6 +87,9 @@ class Adam(UpdateRule):
 
     def state(self) -> list[StateTensor]:
         return self.moments.state()
+
+    def copies(self) -> list[StateTensor]:
+        return self.moments.copies()
 
     def scalars(self):
         return {**self.moments.scalars(), "updates": self.updates}

@@ -162,12 +162,14 @@ class StateTensor:
 class WriteRange:
     """Where a parameter's writes land on this rank: its owned range, or the whole parameter when
     ZeRO-3 keeps it gathered (the writer then computes the whole and copies its range into the
-    shard). A parameter-sized state covers exactly this range."""
+    shard), or (``secondary``) its range of ZeRO++ hpZ's secondary copy. A parameter-sized state
+    covers exactly this range; a secondary range's state repeats what other ranks save, so
+    checkpoints load it but never save it."""
 
     def __init__(self, name: str, shape: tuple[int, ...], start: int, end: int, device: torch.device,
-                 is_matrix: bool, dtype: torch.dtype = torch.float32) -> None:
+                 is_matrix: bool, dtype: torch.dtype = torch.float32, secondary: bool = False) -> None:
         self.name, self.shape, self.start, self.end, self.device = name, shape, start, end, device
-        self.is_matrix, self.dtype = is_matrix, dtype
+        self.is_matrix, self.dtype, self.secondary = is_matrix, dtype, secondary
 
     @property
     def numel(self) -> int:
@@ -192,13 +194,18 @@ class UpdateRule(ABC):
     def write_(self, target: WriteRange, out: torch.Tensor, src: torch.Tensor, start: int, update: UpdateStep,
                rounding_key: RoundingKey) -> None:
         """``out`` ← the updated θ for the flat range [start, start + len(out)) of ``target``'s
-        parameter, θ read from ``src`` (``out`` may be ``src``). Called once per parameter per step."""
+        parameter, θ read from ``src`` (``out`` may be ``src``). Called once per parameter and write
+        range per step: under hpZ also for the parameter's secondary range, after its own range."""
 
     def end_(self) -> None:
         """Called once after every parameter of a step was written (per-step counters advance here)."""
 
     def state(self) -> list[StateTensor]:
         """Every state tensor (checkpoints save them and load into them)."""
+        return []
+
+    def copies(self) -> list[StateTensor]:
+        """The state of hpZ's secondary ranges: checkpoints load into it, never save it (other ranks do)."""
         return []
 
     def scalars(self) -> dict[str, Any]:

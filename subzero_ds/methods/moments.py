@@ -7,7 +7,7 @@ parameter. Momentum and Adam each hold one :class:`Moments`; checkpoints see its
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,22 +24,32 @@ class Moments:
 
     def __init__(self, direction: Direction, kinds: tuple[str, ...]) -> None:
         self.direction, self.kinds = direction, kinds
-        self.full: dict[str, tuple[WriteRange, dict[str, torch.Tensor]]] = {}  # name -> (range, kind -> tensor)
+        # (name, secondary) -> (range, kind -> tensor): a parameter's range, and its hpZ secondary range
+        self.full: dict[tuple[str, bool], tuple[WriteRange, dict[str, torch.Tensor]]] = {}
         self.coordinates: dict[str, Any] = {}  # name -> the direction's coordinate state
+        self._stepped: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (step, its coordinates that step)
 
     def allocate_(self, ranges: list[WriteRange]) -> None:
-        """Zero state for every parameter of ``ranges``."""
+        """Zero state for every parameter of ``ranges`` (a coordinate state once per parameter)."""
         for target in ranges:
             state = self.direction.coordinate_state(target, self.kinds)
             if state is not None:
-                self.coordinates[target.name] = state
+                self.coordinates.setdefault(target.name, state)
             else:
-                self.full[target.name] = (target, {kind: target.zeros() for kind in self.kinds})
+                self.full[target.name, target.secondary] = (target, {kind: target.zeros() for kind in self.kinds})
 
-    def slices(self, name: str, start: int, size: int) -> dict[str, torch.Tensor]:
-        """The parameter-sized state of ``name`` over its flat range [start, start + size)."""
-        owner, tensors = self.full[name]
+    def slices(self, target: WriteRange, start: int, size: int) -> dict[str, torch.Tensor]:
+        """The parameter-sized state of ``target``'s range over the flat positions [start, start + size)."""
+        owner, tensors = self.full[target.name, target.secondary]
         return {kind: tensor.narrow(0, start - owner.start, size) for kind, tensor in tensors.items()}
+
+    def once_per_step(self, name: str, step: int, advance: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The coordinates ``name``'s state gives at ``step``: ``advance()`` (which moves the state) the first
+        time, the same tensor for the other write range of the step (hpZ's secondary copy)."""
+        stepped = self._stepped.get(name)
+        if stepped is None or stepped[0] != step:
+            stepped = self._stepped[name] = (step, advance())
+        return stepped[1]
 
     def projected_coordinates(self, name: str, grads: list[float], step: int) -> torch.Tensor:
         """(1/q)·Σ_j g_j·Z_{t,j}: the step's estimate in the direction's coordinates of ``name``."""
@@ -51,11 +61,19 @@ class Moments:
 
     def state(self) -> list[StateTensor]:
         """Every tensor, for checkpoints (a coordinate state is whole on every rank)."""
-        entries = [StateTensor(f"{name}::{kind}", tensor, owner.shape, owner.start)
-                   for name, (owner, tensors) in self.full.items() for kind, tensor in tensors.items()]
+        entries = self._parameter_sized(secondary=False)
         entries += [StateTensor(f"{name}::subspace_{kind}", tensor, tuple(tensor.shape), 0, replicated=True)
                     for name, state in self.coordinates.items() for kind, tensor in state.tensors.items()]
         return entries
+
+    def copies(self) -> list[StateTensor]:
+        """The parameter-sized state of hpZ's secondary ranges (checkpoints load it, other ranks save it)."""
+        return self._parameter_sized(secondary=True)
+
+    def _parameter_sized(self, secondary: bool) -> list[StateTensor]:
+        return [StateTensor(f"{name}::{kind}", tensor, owner.shape, owner.start)
+                for (name, of_copy), (owner, tensors) in self.full.items() if of_copy == secondary
+                for kind, tensor in tensors.items()]
 
     def scalars(self) -> dict[str, Any]:
         """Each coordinate state's window and update count, the same on every rank."""

@@ -8,6 +8,7 @@ and the step writes μ·U·M_c·Vᵀ; biases and norms keep full M.
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from .. import kernels
@@ -43,18 +44,26 @@ class Momentum(UpdateRule):
         decay = decay_factor(target, update.lr, self.weight_decay)
         if target.name in self.moments.coordinates:
             state = self.moments.coordinates[target.name]
-            state.enter_window_(update.step)
-            moment = state.tensors["momentum"]
-            moment.mul_(self.beta).add_(self.moments.projected_coordinates(target.name, update.grads, update.step))
+
+            def advance() -> torch.Tensor:
+                state.enter_window_(update.step)
+                moment = state.tensors["momentum"]
+                return moment.mul_(self.beta).add_(
+                    self.moments.projected_coordinates(target.name, update.grads, update.step))
+
+            moment = self.moments.once_per_step(target.name, update.step, advance)
             self.direction.apply_coordinates_(out, src, target.name, target.shape, update.step, start, moment,
                                               beta=decay, alpha=-update.lr, rounding_key=rounding_key)
             return
-        moment = self.moments.slices(target.name, start, out.numel())["momentum"]
+        moment = self.moments.slices(target, start, out.numel())["momentum"]
         mean_direction_(self.direction, moment, target, start, update, beta=self.beta)
         kernels.apply_(out, src, beta=decay, alpha=-update.lr, dense=moment, offset=start, rounding_key=rounding_key)
 
     def state(self) -> list[StateTensor]:
         return self.moments.state()
+
+    def copies(self) -> list[StateTensor]:
+        return self.moments.copies()
 
     def scalars(self):
         return self.moments.scalars()

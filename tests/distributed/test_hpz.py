@@ -3,8 +3,9 @@ no layer gathered across the groups.
 
 Without subzero_ds writing hpZ's secondary copy, forwards gather the initial weights forever: ℓ+ = ℓ−, g = 0, and
 nothing trains, silently. The trajectories come from launching/hpz_trajectories.py (SubZero and MeZO, in place
-and fused, bf16 with stochastic rounding, CPU offload, persistent parameters); this file, run as a script on 4
-ranks, counts the bytes each process group gathers.
+and fused, bf16 with stochastic rounding, CPU offload, persistent parameters, Adam and momentum, whose state is
+kept for the secondary range too); this file, run as a script on 4 ranks, counts the bytes each process group
+gathers.
 """
 
 import json
@@ -20,7 +21,8 @@ from trajectory_compare import assert_same_trajectory
 
 pytestmark = pytest.mark.distributed
 SCRIPT = str(REPO / "tests" / "distributed" / "launching" / "hpz_trajectories.py")
-CASES = ["subzero", "subzero-fused", "mezo-persistent", "subzero-bf16-stochastic", "subzero-offload-cpu"]
+CASES = ["subzero", "subzero-fused", "mezo-persistent", "subzero-bf16-stochastic", "subzero-offload-cpu",
+         "subzero-adam", "mezo-momentum"]
 RESUME_AT, STEPS = 5, 8
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from subzero_ds import memory
 from subzero_ds.memory import BatchShape, Cluster, MemoryPlanError, Offload, ZeroSettings, estimate, zo_step
+from subzero_ds.config import SubZeroConfig
 from subzero_ds.memory.step_time import LOSS_PAIR_BYTES
 
 GiB = memory.GiB
@@ -225,9 +226,19 @@ def test_the_memory_table_is_still_the_default(capsys):
 
 
 def test_advice_does_not_name_hpz_for_a_method_it_cannot_serve(capsys, tmp_path):
-    path = tmp_path / "adam.json"
+    path = tmp_path / "hizoo.json"
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
-                                "subzero": {"method": "mezo", "update": "adam"}}))
+                                "subzero": {"method": "hizoo"}}))
     code, out, _ = run(capsys, "--model", "opt-66b", "--config", str(path), "--nodes", "2", "--batch-size", "4")
     assert code == 0 and "use ZeRO++ hpZ" not in out
-    assert "ZeRO++ hpZ would keep the gathers inside each node, but `subzero.update` is 'adam'" in out
+    assert "ZeRO++ hpZ would keep the gathers inside each node, but `subzero.method` is 'hizoo'" in out
+
+
+def test_hpz_keeps_the_update_rules_state_for_the_secondary_range_too():
+    cluster = Cluster(2, 8)
+    adam = SubZeroConfig.from_section({"method": "mezo", "update": "adam"})
+    extra = {name: estimate("opt-66b", settings(hpz=8, **subzero), cluster, BATCH).total("gpu")
+             - estimate("opt-66b", settings(hpz=1, **subzero), cluster, BATCH).total("gpu")
+             for name, subzero in (("adam", {"subzero": adam}), ("sgd", {}))}
+    secondary = zo_step.shard_elements(memory.load_architecture("opt-66b"), 8)
+    assert extra["adam"] - extra["sgd"] == pytest.approx(secondary * 8)  # Adam's m and v (fp32) over the 1/8 range

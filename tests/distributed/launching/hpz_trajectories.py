@@ -30,6 +30,8 @@ CASES = {
     "mezo-persistent": ("opt", {"method": "mezo"}, {"stage3_param_persistence_threshold": 100_000}, {}),
     "subzero-bf16-stochastic": ("llama", {"update_rounding": "stochastic", "lr": 2e-3}, {}, {"bf16": {"enabled": True}}),
     "subzero-offload-cpu": ("llama", {}, {"offload_param": {"device": "cpu"}}, {}),
+    "subzero-adam": ("llama", {"update": "adam", "lr": 1e-3}, {}, {}),  # r×r state per matrix, full for the rest
+    "mezo-momentum": ("opt", {"method": "mezo", "update": "momentum"}, {}, {}),  # state for both ranges
     "subzero-zero0": ("llama", {}, {"stage": 0}, {}),  # no hpZ: every rank a replica group of its own
 }
 
