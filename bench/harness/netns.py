@@ -67,6 +67,12 @@ def support(shaping: bool = True) -> str | None:
         return f"{', '.join(missing)} not installed (iproute2, util-linux)"
     if os.geteuid() != 0:
         return "needs root: `ip netns add` and `tc` need CAP_SYS_ADMIN / CAP_NET_ADMIN"
+    probe = f"szprobe-{secrets.token_hex(4)}"  # root in a container may still lack the capability
+    try:
+        _run("ip", "netns", "add", probe)
+    except RuntimeError as e:
+        return f"`ip netns add` is not permitted here (needs CAP_SYS_ADMIN): {e}"
+    _run("ip", "netns", "del", probe, check=False)
     return None
 
 
