@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint.compatibility import check_resumable
 from .checkpoint.export import save_hf_weights
 from .checkpoint.sharded import MANIFEST, latest_checkpoint, load_sharded, read_manifest, read_range, save_sharded
-from .config import SubZeroConfig
+from .config import ReplicaMode, SubZeroConfig
 from .distributed import get_world_size_and_rank, log, mean_over_ranks, sum_over_ranks
 from .kernels import GENERATOR
 from .loss import LossFn, forward_loss, model_loss
@@ -86,14 +86,14 @@ class SubZeroEngine:
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's own loss, a
             language-model loss scored inside the LM head (:mod:`subzero_ds.loss`).
         accumulation_steps: micro-batches per step on each rank.
-        replicas: the replica groups and what they share (default: one set of directions, data parallel).
+        replicas: the replica groups and what they share (default: data parallel over every rank).
     """
 
     def __init__(self, ds_engine: Any, config: SubZeroConfig, method: ZOMethod, shards: list[ParamShard],
                  loss_fn: LossFn | None = None, accumulation_steps: int = 1, replicas: Replicas | None = None) -> None:
         self.ds_engine, self.config, self.method, self.shards = ds_engine, config, method, shards
         self.loss_fn = loss_fn or model_loss
-        self.replicas = replicas or Replicas(queries=config.queries)
+        self.replicas = replicas or Replicas.of(ReplicaMode.DATA, 0, 1, *get_world_size_and_rank(), config.queries)
         self.writer = ShardWriter(shards, method, config.eps, config.update_rounding,
                                   release_gathered=lambda: ds_engine.optimizer.empty_partition_cache())
         self.probes: Probes = (
@@ -159,10 +159,9 @@ class SubZeroEngine:
         (all of them, or its replica group's): one all-reduce."""
         means = [sum(column) / len(column) for column in zip(*self._micro_batches)]
         self._micro_batches = []
-        world_size, _ = get_world_size_and_rank()
         with phase("all-reduce"):
             sums = sum_over_ranks(*means)
-        return [total / self.replicas.contributors(probe, world_size)
+        return [total / self.replicas.contributors(probe)
                 for total, probe in zip(sums, self.method.estimator.probes())]
 
     def _result(self, step: int, losses: list[float], updated: bool = True) -> StepResult:

@@ -91,7 +91,7 @@ class ZOTrainer(Trainer):
                 '`subzero.replica_mode` is "perturbation", but the Trainer\'s sampler gives every rank its own batch, '
                 "while perturbation mode needs a replica group's ranks to share one. Set it to \"data\" with ZOTrainer, "
                 "or train with `python -m subzero_ds.train` (or `subzero_ds.initialize` and a loader that gives each "
-                "rank its share `engine.replicas.batch_share(world_size, rank)`)."
+                "rank its share `engine.replicas.batch_share()`)."
             )
         if args.learning_rate not in (HF_DEFAULT_LEARNING_RATE, settings.lr):
             raise ConfigError(

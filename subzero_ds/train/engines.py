@@ -18,7 +18,7 @@ import subzero_ds
 from subzero_ds.config import DeepSpeedSettings, load_ds_config, parse
 from subzero_ds.config.deepspeed import parse_deepspeed
 from subzero_ds.config.errors import raise_problems
-from subzero_ds.distributed import DEFAULT_COLLECTIVE_TIMEOUT, get_world_size_and_rank
+from subzero_ds.distributed import DEFAULT_COLLECTIVE_TIMEOUT
 from subzero_ds.engine import StepResult, SubZeroEngine
 from subzero_ds.loss import LossFn
 
@@ -84,7 +84,7 @@ class ZOEngine:
         self.engine = engine
         self.accumulation_steps = engine.accumulation_steps
         self.forwards_per_micro_batch = sum(map(engine.replicas.evaluates, engine.method.estimator.probes()))
-        self.batch_share = engine.replicas.batch_share(*get_world_size_and_rank())
+        self.batch_share = engine.replicas.batch_share()
 
     @property
     def global_step(self) -> int:

@@ -61,13 +61,19 @@ class Replicas:
         """Whether this rank measures ``probe``: its group's queries, and a clean probe (θ itself) everywhere."""
         return probe.sign == 0 or not self.splits_directions or probe.query // self.queries == self.group
 
-    def contributors(self, probe: Probe, world_size: int) -> int:
-        """How many ranks' losses the all-reduce sums into ``probe``'s slot: its group's, or every rank's."""
-        return self.size if self.splits_directions and probe.sign != 0 else world_size
+    @property
+    def world_size(self) -> int:
+        return self.size * self.count
 
-    def batch_share(self, world_size: int, rank: int) -> tuple[int, int]:
+    def contributors(self, probe: Probe) -> int:
+        """How many ranks' losses the all-reduce sums into ``probe``'s slot: its group's, or every rank's."""
+        return self.size if self.splits_directions and probe.sign != 0 else self.world_size
+
+    def batch_share(self) -> tuple[int, int]:
         """(index, count): which share of the batch this rank takes, of how many (a group shares one batch)."""
-        return (self.rank, self.size) if self.splits_directions else (rank, world_size)
+        if self.splits_directions:
+            return self.rank, self.size
+        return self.group * self.size + self.rank, self.world_size
 
     def describe(self) -> str:
         if not self.splits_directions:

@@ -23,13 +23,13 @@ def test_perturbation_mode_gives_each_group_its_own_queries_and_the_clean_probe_
         measured = {p.query for p in probes if p.sign and replicas.evaluates(p)}
         assert measured == {2 * (rank // 2), 2 * (rank // 2) + 1}
         assert replicas.evaluates(Probe(0, 0.0))
-        assert replicas.contributors(Probe(0, 1.0), 6) == 2 and replicas.contributors(Probe(0, 0.0), 6) == 6
-        assert replicas.batch_share(6, rank) == (rank % 2, 2)  # a group shares one batch
+        assert replicas.contributors(Probe(0, 1.0)) == 2 and replicas.contributors(Probe(0, 0.0)) == 6
+        assert replicas.batch_share() == (rank % 2, 2)  # a group shares one batch
 
 
 def test_data_mode_measures_every_probe_on_its_own_share():
     replicas = Replicas.of(ReplicaMode.DATA, 3, 2, 4, 3, queries=2)
     assert replicas.step_queries == 2 and not replicas.splits_directions
     assert all(replicas.evaluates(Probe(q, 1.0)) for q in range(2))
-    assert replicas.contributors(Probe(0, 1.0), 4) == 4
-    assert replicas.batch_share(4, 3) == (3, 4)
+    assert replicas.contributors(Probe(0, 1.0)) == 4
+    assert replicas.batch_share() == (3, 4)

@@ -66,7 +66,7 @@ def stale_elements(engine) -> int:
 
 def run(name: str, args: argparse.Namespace) -> dict:
     engine = subzero_ds.initialize(model=tiny_model(CASES[name][0]), config=config(name, args.hpz, args.subzero))
-    share, shares = engine.replicas.batch_share(*get_world_size_and_rank())  # perturbation mode: a group's batch
+    share, shares = engine.replicas.batch_share()  # perturbation mode: a group's batch
     start = 0
     if args.resume_from:
         engine.load_checkpoint(f"{args.resume_from}/{name}")
