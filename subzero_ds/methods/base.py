@@ -66,7 +66,7 @@ class Direction(ABC):
         None where the direction has none (the rule then keeps state the size of the parameter).
 
         The state object has ``tensors`` (kind -> fp32 tensor), ``enter_window_(step)``,
-        ``coordinates(step, query)``, ``window`` and ``updates``; the direction writes a step given in
+        ``mean_coordinates(step, grads)``, ``window`` and ``updates``; the direction writes a step given in
         those coordinates with :meth:`apply_coordinates_`.
         """
         return None
@@ -224,8 +224,5 @@ def decay_factor(target: WriteRange, lr: float, weight_decay: float) -> float:
 def mean_direction_(direction: Direction, out: torch.Tensor, target: WriteRange, start: int, update: UpdateStep,
                     beta: float = 0.0) -> torch.Tensor:
     """``out`` (fp32) ← beta·out + (1/q)·Σ_j g_j·D_{t,j} over [start, start + len(out)), q = len(update.grads)."""
-    queries = len(update.grads)
-    for query, grad in enumerate(update.grads):
-        direction.apply_(out, out, target.name, target.shape, update.step, start,
-                         beta=beta if query == 0 else 1.0, alpha=grad / queries, query=query)
+    direction.apply_mean_(out, out, target.name, target.shape, update.step, start, update.grads, beta=beta, alpha=1.0)
     return out

@@ -53,11 +53,7 @@ class Moments:
 
     def projected_coordinates(self, name: str, grads: list[float], step: int) -> torch.Tensor:
         """(1/q)·Σ_j g_j·Z_{t,j}: the step's estimate in the direction's coordinates of ``name``."""
-        state = self.coordinates[name]
-        total = torch.zeros_like(next(iter(state.tensors.values())))
-        for query, grad in enumerate(grads):
-            total.add_(state.coordinates(step, query), alpha=grad / len(grads))
-        return total
+        return self.coordinates[name].mean_coordinates(step, grads)
 
     def state(self) -> list[StateTensor]:
         """Every tensor, for checkpoints (a coordinate state is whole on every rank)."""

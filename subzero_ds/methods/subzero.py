@@ -176,8 +176,8 @@ class SubspaceDirection(Direction):
         low-rank pass, whatever the number of queries (perturbation mode's R·q included)."""
         if len(shape) != 2 or len(grads) == 1:
             return super().apply_mean_(out, src, name, shape, step, start, grads, beta, alpha, rounding_key)
-        coordinates = sum(grad * self.z(name, shape, step, out.device, query) for query, grad in enumerate(grads))
-        self.apply_coordinates_(out, src, name, shape, step, start, coordinates / len(grads), beta, alpha, rounding_key)
+        coordinates = self.mean_z(name, shape, step, grads, out.device)
+        self.apply_coordinates_(out, src, name, shape, step, start, coordinates, beta, alpha, rounding_key)
 
     def coordinate_state(self, target: WriteRange, kinds: tuple[str, ...]) -> SubspaceState | None:
         """r×r state for a matrix (its update rule's moments of g·Z); None for biases and norms."""
@@ -200,6 +200,14 @@ class SubspaceDirection(Direction):
         """Z_{step,query} (r×r, N(0, 1), unscaled): the direction's coordinates in the window's subspace."""
         rank = self.subspace(name, shape, step).u.shape[1]
         return draw_core((self.seed, "core", step, name, shape, *query_fields(query)), rank, device)
+
+    def mean_z(self, name: str, shape: tuple[int, ...], step: int, grads: list[float],
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """(1/q)·Σ_j g_j·Z_{step,j} over q = len(grads) queries: the step's estimate in the subspace coordinates."""
+        total = self.z(name, shape, step, device, 0).mul_(grads[0] / len(grads))
+        for query, grad in enumerate(grads[1:], start=1):
+            total.add_(self.z(name, shape, step, device, query), alpha=grad / len(grads))
+        return total
 
     @staticmethod
     def scale(shape: tuple[int, ...], rank: int) -> float:
@@ -252,10 +260,10 @@ class SubspaceState:
         self.window: int | None = None  # the window the coordinates refer to
         self.updates = 0  # updates since the last reset (Adam's bias correction)
 
-    def coordinates(self, step: int, query: int = 0) -> torch.Tensor:
-        """Z_{step,query} on the state's device."""
+    def mean_coordinates(self, step: int, grads: list[float]) -> torch.Tensor:
+        """(1/q)·Σ_j g_j·Z_{step,j} on the state's device."""
         device = next(iter(self.tensors.values())).device
-        return self.direction.z(self.name, self.shape, step, device, query)
+        return self.direction.mean_z(self.name, self.shape, step, grads, device)
 
     def enter_window_(self, step: int) -> None:
         """Bring the state into the subspace of ``step``'s window (reset or project), once per window."""
