@@ -17,7 +17,7 @@ from torch import nn
 
 from . import methods
 from .config import (ConfigError, DeepSpeedSettings, ReplicaMode, SubZeroConfig, UpdateRounding, environment,
-                     hpz_partition_size, load_ds_config, parse)
+                     load_ds_config, parse)
 from .config.deepspeed import deepspeed_accepts
 from .config.errors import raise_problems
 from .distributed import disagreements, get_world_size_and_rank, init_distributed, log
@@ -72,7 +72,7 @@ def initialize(
     shards = collect_shards(ds_engine.module)
     _check_trainable(shards, settings)
     frozen = any(not p.requires_grad for p in ds_engine.module.parameters())
-    replicas = Replicas.of(settings.replica_mode, deepspeed_settings.stage, hpz_partition_size(deepspeed_settings),
+    replicas = Replicas.of(settings.replica_mode, deepspeed_settings.stage, deepspeed_settings.hpz_partition_size,
                            *get_world_size_and_rank(), queries=settings.queries)
     if settings.replica_mode is ReplicaMode.PERTURBATION and not replicas.splits_directions:
         log(f"subzero_ds: replica_mode \"perturbation\" with one replica group ({replicas.size} rank(s) hold the one "
@@ -107,7 +107,7 @@ def _deepspeed_engine(model: nn.Module, settings: DeepSpeedSettings, source: str
     numels = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in model.named_parameters()}
     raise_problems(environment.nvme_buffer_problems(settings, numels, get_world_size_and_rank()[0]), source)
     partition_for_nvme(model, settings, ds_config)  # NVMe swap buffers in the config's dtype (DeepSpeed bug on CPU)
-    create_hpz_groups(hpz_partition_size(settings))
+    create_hpz_groups(settings.hpz_partition_size)
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     return ds_engine
 

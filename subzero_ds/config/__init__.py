@@ -22,7 +22,7 @@ from .loading import load_ds_config
 from .subzero import ReplicaMode, SubZeroConfig, UpdateRounding, parse_section
 
 __all__ = ["SECTION", "ConfigError", "DeepSpeedSettings", "Precision", "ReplicaMode", "SubZeroConfig", "UpdateRounding",
-           "check_deepspeed_accepts", "deepspeed_section", "hpz_partition_size", "hpz_state_problems", "load_ds_config",
+           "check_deepspeed_accepts", "deepspeed_section", "hpz_state_problems", "load_ds_config",
            "parse", "parse_config"]
 
 
@@ -56,17 +56,12 @@ def parse(ds_config: Mapping[str, Any], source: str = "the DeepSpeed config") ->
     return settings, deepspeed
 
 
-def hpz_partition_size(deepspeed: DeepSpeedSettings) -> int:
-    """ZeRO++ hpZ's group size K under ZeRO-3 (1: no secondary copy; DeepSpeed ignores it under ZeRO-0)."""
-    return deepspeed.hpz_partition_size if deepspeed.stage == 3 else 1
-
-
 def hpz_state_problems(settings: SubZeroConfig, deepspeed: DeepSpeedSettings) -> list[str]:
     """hpZ's secondary copy is written like the shard, and an update rule keeps its state for both ranges; a
     direction's per-element state (HiZOO's Hessian) exists for the shard's range only: refused under hpZ."""
     from ..methods import registry
 
-    size = hpz_partition_size(deepspeed)
+    size = deepspeed.hpz_partition_size  # > 1 only under ZeRO-3: parse_deepspeed refuses it elsewhere
     spec = registry.method(settings.method)
     if size <= 1 or not spec.state_bytes_per_element:
         return []

@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import SECTION, describe_validation_error, shown
+from .errors import SECTION, cut, describe_validation_error, shown
 
 # ZeRO stages that need no optimizer: 0 (whole parameters everywhere) and 3 (parameter partitioning).
 SUPPORTED_ZERO_STAGES = (0, 3)
@@ -403,7 +403,7 @@ def deepspeed_accepts(section: Mapping[str, Any]) -> list[str]:
                 return problems
             except DeepSpeedConfigError as e:
                 key = _removed_key(str(e), section)
-                text = _cut(str(e), 300)
+                text = cut(str(e), 300)
                 if key is None:
                     key = _named_key(str(e), section)
                     return [*problems, f"`{key}`: {text}" if key else f"DeepSpeed's config parser: {text}"]
@@ -418,10 +418,6 @@ def deepspeed_accepts(section: Mapping[str, Any]) -> list[str]:
         return [*problems, f"{type(e).__name__}: {shown(str(e), 300)}"]
     finally:
         deepspeed.utils.logger.setLevel(level)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _removed_key(message: str, section: Mapping[str, Any]) -> str | None:

@@ -14,6 +14,7 @@ from .errors import shown
 
 NVME_PATH_KEY = "zero_optimization.offload_param.nvme_path"
 
+
 def hpz_problems(settings: DeepSpeedSettings, world_size: int) -> list[str]:
     """Whether hpZ's groups of ``settings.hpz_partition_size`` consecutive ranks tile the world (a size of the
     world or more: one group of every rank, as DeepSpeed forms it).

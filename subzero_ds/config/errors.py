@@ -13,7 +13,11 @@ class ConfigError(ValueError):
 
 def shown(value: Any, limit: int = 80) -> str:
     """``repr(value)``, cut short so that one huge value cannot bury the rest of the message."""
-    text = repr(value)
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text``, ending in "..." if it is longer than ``limit`` characters."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -216,7 +216,7 @@ def _hpz_advice(result: Estimate, attention: str) -> list[str]:
     if cluster.nodes == 1 or zero.offload is Offload.NVME:
         return []
     stateful = hpz_state_problems(zero.subzero, DeepSpeedSettings(section={}, stage=3, hpz_partition_size=k))
-    if stateful:  # per-element method state is kept for the shard's range only
+    if stateful:  # a direction's per-element state (HiZOO's) is kept for the shard's range only
         return [f"ZeRO++ hpZ would keep the gathers inside each node, but {stateful[0]}"]
     hpz = replace(zero, hpz_partition_size=k)
     faster = step_time(arch, hpz, cluster, batch)
@@ -224,7 +224,8 @@ def _hpz_advice(result: Estimate, attention: str) -> list[str]:
     gain = (f"each forward gathers {faster.within_node_bytes / GiB:.1f} GiB per GPU inside its node instead of "
             f"{plain.across_node_bytes / GiB:.1f} GiB across nodes, so a step takes ~{faster.total_s:.2f} s instead "
             f"of ~{plain.total_s:.2f} s")  # fmt: skip
-    copies = "its secondary copy (1/K of the model" + (")" if zero.fused else ") and that copy's in-place backup, less the shard's")
+    copies = "its secondary copy (1/K of the model)" + ("" if zero.fused else
+                                                         " and that copy's in-place backup, less the shard's")
     extra = _zo_bytes(arch, hpz, cluster, batch, attention) - _zo_bytes(arch, zero, cluster, batch, attention)
     problems = _problems(arch, hpz, cluster, batch, result.device, attention)
     if not problems:

@@ -125,7 +125,6 @@ class ParamShard:
             # DeepSpeed never writes a partition back on release: without this the edit is lost.
             swapper.swap_out_and_release([self.param])
 
-
     def secondary(self) -> torch.Tensor | None:
         """A 1-D view of this rank's range of hpZ's secondary copy (padding excluded), or None when the
         parameter has none (no hpZ, or DeepSpeed has not built it yet)."""
@@ -176,8 +175,7 @@ def owned_range(param: nn.Parameter) -> tuple[int, int]:
     partition_size = int(param.ds_tensor.ds_numel)  # not ds_tensor.numel(): that is 1 while swapped out to NVMe
     group = param.ds_process_group
     rank = dist.get_rank(group=group) if dist.is_initialized() else 0
-    start = min(rank * partition_size, numel)
-    return start, min(start + partition_size, numel)
+    return _part(rank, partition_size, numel)
 
 
 def secondary_range(param: nn.Parameter) -> tuple[int, int]:
@@ -189,9 +187,13 @@ def secondary_range(param: nn.Parameter) -> tuple[int, int]:
     group = getattr(param, "ds_zero_param_process_group", None)
     if not is_partitioned(param) or group is None:
         return 0, 0
-    numel = int(param.ds_numel)
     size = int(param.ds_tensor.ds_numel) * int(param.ds_secondary_tensor_num_of_groups)
-    start = min(dist.get_rank(group=group) * size, numel)
+    return _part(dist.get_rank(group=group), size, int(param.ds_numel))
+
+
+def _part(index: int, size: int, numel: int) -> tuple[int, int]:
+    """Part ``index`` of a parameter of ``numel`` elements cut in parts of ``size`` (the padding left out)."""
+    start = min(index * size, numel)
     return start, min(start + size, numel)
 
 
